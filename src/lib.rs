@@ -1,0 +1,20 @@
+//! switchyard: a reverse proxy and traffic-shifting sidecar for long-lived agent traffic.
+//!
+//! Data flows one way through the modules:
+//!
+//! ```text
+//! config (pure) ─► routes (immutable Table, built on the control path)
+//!                    ▲ reads            ▲ owns pools of
+//! proxy (hot path) ──┘   upstream ◄─────┘ (connections to servers)
+//! app: the composition root that builds and starts every part, and nothing imports it.
+//! ```
+//!
+//! The hot path holds a [`routes::TableReader`], which cannot store; only the control path
+//! holds the [`routes::TableWriter`].
+
+pub mod app;
+pub mod config;
+pub mod demo;
+pub mod proxy;
+pub mod routes;
+pub mod upstream;

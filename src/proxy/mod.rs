@@ -1,0 +1,383 @@
+//! The hot path: accepting connections, serving HTTP/1.1 and h2c on them, and proxying
+//! each request to a server chosen from the current route table.
+//!
+//! ```text
+//! listener → connection (hyper auto: h1 / h2c) → handle: table = reader.load()  (once)
+//!   → table.route(host, path) → route.pick_backend → backend.pick_server
+//!   → forward (connect retry, request timeout) → response body streams back
+//! ```
+//!
+//! This module reads the table and never writes it; it knows nothing of the control path.
+
+mod body;
+mod conn;
+mod error;
+mod headers;
+mod listener;
+mod tunnel;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use body::{BodyError, ResponseBody};
+pub use error::ProxyError;
+pub use listener::bind;
+
+use crate::config::Sticky;
+use crate::routes::{self, Backend, InFlight, Route, Server, Table, TableReader};
+use crate::upstream::{self, RequestBody, Sender};
+use conn::{ClientIo, ConnShared, Timeouts};
+use headers::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
+
+/// Extra hyper read buffer above the configured header limit, so that a head just over
+/// the limit still reaches the handler and gets a 431 with a body naming the cause.
+const HEADER_SLACK: usize = 16 * 1024;
+
+/// The proxy: shared by every connection of every listener.
+#[derive(Debug)]
+pub struct Proxy {
+    table: TableReader,
+}
+
+/// What a connection knows about its client, shared by its requests.
+#[derive(Debug)]
+struct Client {
+    proxy: Arc<Proxy>,
+    /// The peer's IP, ready to append to `X-Forwarded-For`.
+    ip: HeaderValue,
+    shared: Arc<ConnShared>,
+}
+
+impl Proxy {
+    pub fn new(table: TableReader) -> Arc<Self> {
+        Arc::new(Proxy { table })
+    }
+
+    /// Accepts connections until `shutdown` is cancelled; each connection runs on
+    /// `connections` so that shutdown can wait for them.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken, connections: TaskTracker) {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    connections.spawn(self.clone().serve_connection(stream, peer));
+                }
+                Err(e) => {
+                    // Out of file descriptors or similar: back off briefly instead of
+                    // spinning on an accept that keeps failing.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn serve_connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let defaults = self.table.load().defaults.clone();
+        let shared = Arc::new(ConnShared::default());
+        let io = ClientIo::new(
+            stream,
+            shared.clone(),
+            Timeouts { idle: defaults.idle_timeout, header_read: defaults.header_read_timeout },
+        );
+        let ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        let client = Arc::new(Client { proxy: self, ip, shared });
+
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .max_buf_size((defaults.max_request_header_bytes + HEADER_SLACK).max(8192))
+            .max_headers(1000)
+            .header_read_timeout(None);
+        builder.http2().max_header_list_size((defaults.max_request_header_bytes + HEADER_SLACK) as u32);
+
+        let service = service_fn(move |req| {
+            let client = client.clone();
+            async move {
+                let active = client.shared.begin();
+                let mut response = client.proxy.handle(req, &client).await;
+                response.body_mut().set_active(active);
+                Ok::<_, Infallible>(response)
+            }
+        });
+        if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(io), service).await {
+            tracing::debug!(%peer, error = %e, "client connection ended with an error");
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>, client: &Client) -> Response<ResponseBody> {
+        let table = self.table.load();
+        match self.proxy(&table, req, client).await {
+            Ok(response) => response,
+            Err(e) => e.into_response(),
+        }
+    }
+
+    async fn proxy(
+        &self,
+        table: &Table,
+        mut req: Request<Incoming>,
+        client: &Client,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let limits = &table.defaults;
+        let size = headers::head_size(req.headers());
+        if size > limits.max_request_header_bytes {
+            return Err(ProxyError::HeadersTooLarge { size, limit: limits.max_request_header_bytes });
+        }
+
+        // Everything decided from the request head, while it is borrowed.
+        let (route, backend, sticky_hash, new_cookie, host, normal_path) = {
+            let host = request_host(&req)?;
+            let path = routes::normalize_path(req.uri().path())?;
+            let host_str = host.as_ref().map_or("", |h| h.to_str().unwrap_or(""));
+            let route = table
+                .route(host_str, &path)
+                .ok_or_else(|| ProxyError::NoRoute { host: host_str.to_string(), path: path.to_string() })?;
+            let (sticky_hash, new_cookie) = sticky_key(route, req.headers());
+            let bucket = sticky_hash.map_or_else(|| fastrand::u32(0..crate::config::ALL), routes::bucket);
+            let overridden =
+                route.override_header.as_ref().and_then(|h| req.headers().get(h)).map(HeaderValue::as_bytes);
+            let backend = route
+                .pick_backend(table, bucket, overridden)
+                .ok_or_else(|| ProxyError::NoServer { route: route.name.clone() })?;
+            let normal_path = match path {
+                std::borrow::Cow::Borrowed(_) => None,
+                std::borrow::Cow::Owned(p) => Some(p),
+            };
+            (route, backend, sticky_hash, new_cookie, host, normal_path)
+        };
+        let server =
+            backend.pick_server(sticky_hash, None).ok_or_else(|| ProxyError::NoServer { route: route.name.clone() })?;
+
+        let upgrade = requested_upgrade(&req);
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+
+        let (mut parts, body) = req.into_parts();
+        let client_version = parts.version;
+        headers::strip_hop_by_hop(&mut parts.headers);
+        if let Some(protocol) = &upgrade {
+            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, protocol.clone());
+        }
+        if let Some(host) = &host {
+            if parts.uri.authority().is_some() || !parts.headers.contains_key(header::HOST) {
+                parts.headers.insert(header::HOST, host.clone());
+            }
+            parts.headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+        }
+        headers::append_to_list(&mut parts.headers, &X_FORWARDED_FOR, &client.ip);
+        parts.headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        let via = match client_version {
+            Version::HTTP_2 => HeaderValue::from_static("2.0 switchyard"),
+            Version::HTTP_10 => HeaderValue::from_static("1.0 switchyard"),
+            _ => HeaderValue::from_static("1.1 switchyard"),
+        };
+        headers::append_to_list(&mut parts.headers, &header::VIA, &via);
+        if parts.uri.scheme().is_some() || normal_path.is_some() {
+            parts.uri = origin_form(&parts.uri, normal_path.as_deref())?;
+        }
+        parts.version = Version::HTTP_11;
+        let upstream_req = Request::from_parts(parts, RequestBody::Client(body));
+
+        let (mut response, connection, in_flight) =
+            forward(table, route, backend, server, sticky_hash, upstream_req).await?;
+
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_upgrade) = client_upgrade else {
+                return Err(ProxyError::BadRequest("the server switched protocols without being asked"));
+            };
+            let server_upgrade = hyper::upgrade::on(&mut response);
+            let protocol = response.headers().get(header::UPGRADE).cloned();
+            let (mut parts, _) = response.into_parts();
+            headers::strip_hop_by_hop(&mut parts.headers);
+            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            if let Some(protocol) = protocol {
+                parts.headers.insert(header::UPGRADE, protocol);
+            }
+            tokio::spawn(tunnel::run(client_upgrade, server_upgrade, in_flight, limits.stream_idle_timeout));
+            return Ok(Response::from_parts(parts, ResponseBody::empty()));
+        }
+
+        let (mut parts, body) = response.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        if let Some(cookie) = new_cookie {
+            parts.headers.append(header::SET_COOKIE, cookie);
+        }
+        // A connection that was offered an upgrade and declined it is not reused: its
+        // state is whatever the server made of the offer.
+        let reusable = if upgrade.is_none() { Some(connection) } else { None };
+        Ok(Response::from_parts(parts, ResponseBody::upstream(body, reusable, in_flight, limits.stream_idle_timeout)))
+    }
+}
+
+/// Sends `req` to `server`, on a pooled connection if one is idle. A connect failure,
+/// which happens before any byte of the request is sent, is retried once on another
+/// server of the same backend; a pooled connection found closed is replaced.
+async fn forward(
+    table: &Table,
+    route: &Route,
+    backend: &Backend,
+    server: &Arc<Server>,
+    sticky_hash: Option<u64>,
+    mut req: Request<RequestBody>,
+) -> Result<(Response<Incoming>, Sender, InFlight), ProxyError> {
+    let limits = &table.defaults;
+    let mut server = server.clone();
+    let mut connect_retried = false;
+    loop {
+        let in_flight = server.start_request();
+        let (mut sender, pooled) = match server.pool.take() {
+            Some(sender) => (sender, true),
+            None => match upstream::connect(server.addr, limits.connect_timeout).await {
+                Ok(sender) => (sender, false),
+                Err(source) => {
+                    if !connect_retried {
+                        if let Some(other) = backend.pick_server(sticky_hash, Some(&server)) {
+                            tracing::warn!(route = %route.name, backend = %backend.name, error = %source, retry = %other.label, "connect failed; retrying on another server");
+                            connect_retried = true;
+                            server = other.clone();
+                            continue;
+                        }
+                    }
+                    return Err(ProxyError::Connect {
+                        route: route.name.clone(),
+                        backend: backend.name.clone(),
+                        source,
+                    });
+                }
+            },
+        };
+        let sent = tokio::time::timeout(route.request_timeout, sender.try_send_request(req)).await;
+        match sent {
+            Ok(Ok(response)) => return Ok((response, sender, in_flight)),
+            Ok(Err(mut e)) => match e.take_message() {
+                // The pooled connection closed under us before the request left: nothing
+                // was sent, so a fresh connection can take it.
+                Some(unsent) if pooled => {
+                    tracing::debug!(server = %server.label, "pooled connection was closed; reconnecting");
+                    req = unsent;
+                }
+                _ => {
+                    return Err(ProxyError::Upstream {
+                        route: route.name.clone(),
+                        backend: backend.name.clone(),
+                        server: server.label.clone(),
+                        source: e.into_error(),
+                    })
+                }
+            },
+            Err(_) => {
+                return Err(ProxyError::Timeout {
+                    route: route.name.clone(),
+                    backend: backend.name.clone(),
+                    server: server.label.clone(),
+                    after: route.request_timeout,
+                })
+            }
+        }
+    }
+}
+
+/// The host a request is for: an absolute-form target's authority wins over `Host`
+/// (RFC 9112, 3.2.2); HTTP/2's `:authority` arrives the same way. HTTP/1.1 without one
+/// is malformed.
+fn request_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, ProxyError> {
+    if let Some(authority) = req.uri().authority() {
+        return HeaderValue::from_str(authority.as_str())
+            .map(Some)
+            .map_err(|_| ProxyError::BadRequest("the request target's host is not valid"));
+    }
+    match req.headers().get(header::HOST) {
+        Some(host) if host.to_str().is_ok() => Ok(Some(host.clone())),
+        Some(_) => Err(ProxyError::BadRequest("the Host header is not valid text")),
+        None if req.version() == Version::HTTP_11 => {
+            Err(ProxyError::BadRequest("HTTP/1.1 request without a Host header"))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The protocol a client asks to upgrade to, if it asks properly: HTTP/1.1, `Upgrade`
+/// named in `Connection`. An `h2c` upgrade is not honoured (we speak h2c by prior
+/// knowledge only); the request goes on as plain HTTP/1.1.
+fn requested_upgrade(req: &Request<Incoming>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 || !headers::connection_has(req.headers(), "upgrade") {
+        return None;
+    }
+    req.headers().get(header::UPGRADE).filter(|p| !p.as_bytes().eq_ignore_ascii_case(b"h2c")).cloned()
+}
+
+/// The sticky key's hash for a route that has one, and the cookie to set when the
+/// route's cookie was missing (a new key, chosen here).
+fn sticky_key(route: &Route, headers: &http::HeaderMap) -> (Option<u64>, Option<HeaderValue>) {
+    match &route.sticky {
+        None => (None, None),
+        Some(Sticky::Header(name)) => (headers.get(name).map(|v| routes::key_hash(v.as_bytes())), None),
+        Some(Sticky::Cookie(name)) => match find_cookie(headers, name) {
+            Some(value) => (Some(routes::key_hash(value)), None),
+            None => {
+                let key = format!("{:016x}", fastrand::u64(..));
+                let cookie = format!("{name}={key}; Path=/; HttpOnly; SameSite=Lax");
+                (Some(routes::key_hash(key.as_bytes())), HeaderValue::from_str(&cookie).ok())
+            }
+        },
+    }
+}
+
+fn find_cookie<'h>(headers: &'h http::HeaderMap, name: &str) -> Option<&'h [u8]> {
+    headers.get_all(header::COOKIE).iter().flat_map(|v| v.as_bytes().split(|&b| b == b';')).find_map(|pair| {
+        let pair = pair.trim_ascii();
+        let (n, v) = pair.split_at(pair.iter().position(|&b| b == b'=')?);
+        (n == name.as_bytes()).then(|| &v[1..])
+    })
+}
+
+/// The origin-form target (`/path?query`) sent to servers.
+fn origin_form(uri: &Uri, normal_path: Option<&str>) -> Result<Uri, ProxyError> {
+    let path = normal_path.unwrap_or_else(|| uri.path());
+    let pq = match uri.query() {
+        Some(q) => PathAndQuery::try_from(format!("{path}?{q}")),
+        None if normal_path.is_some() => PathAndQuery::try_from(path.to_string()),
+        None => return Ok(Uri::from(uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")))),
+    }
+    .map_err(|_| ProxyError::BadRequest("the request target cannot be rebuilt"))?;
+    Ok(Uri::from(pq))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookies_are_found_among_others() {
+        let mut h = http::HeaderMap::new();
+        h.insert(header::COOKIE, HeaderValue::from_static("a=1; sy_cohort=abc; b=2"));
+        assert_eq!(find_cookie(&h, "sy_cohort"), Some(&b"abc"[..]));
+        assert_eq!(find_cookie(&h, "sy"), None);
+        assert_eq!(find_cookie(&h, "b"), Some(&b"2"[..]));
+    }
+
+    #[test]
+    fn targets_become_origin_form() {
+        let abs: Uri = "http://example.com/a/../b?x=1".parse().expect("uri");
+        assert_eq!(origin_form(&abs, Some("/b")).expect("ok"), "/b?x=1");
+        let plain: Uri = "http://example.com/a".parse().expect("uri");
+        assert_eq!(origin_form(&plain, None).expect("ok"), "/a");
+    }
+}

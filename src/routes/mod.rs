@@ -1,0 +1,406 @@
+//! The route table: one immutable snapshot of all routing state, swapped whole.
+//!
+//! A request takes the snapshot once ([`TableReader::load`]) and finishes on it, however
+//! long it runs. Only the holder of the [`TableWriter`] (the control path) can store a new
+//! one. Everything a request needs to decide is precomputed here at build time; the hot
+//! path only reads.
+//!
+//! Live per-server state (in-flight counts, health, the connection pool) is *not* part of
+//! the snapshot's identity: [`Servers`] carries each [`Server`] from one table to the next
+//! by (backend, address), so a reload never resets counters or drops pooled connections.
+
+mod matcher;
+mod split;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::HeaderName;
+
+use crate::config::{BasisPoints, Config, Defaults, HostPattern, Sticky};
+use crate::upstream::Pool;
+
+pub use matcher::{host_matches, normalize_path, prefix_matches, strip_port, BadPath};
+pub use split::{bucket, key_hash, rendezvous_score, Split};
+
+/// One immutable routing snapshot.
+#[derive(Debug)]
+pub struct Table {
+    pub generation: u64,
+    /// Timeouts and limits, swapped with the routes so a request sees one consistent set.
+    pub defaults: Defaults,
+    pub routes: Box<[Route]>,
+    pub backends: Box<[Arc<Backend>]>,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub name: Arc<str>,
+    hosts: Box<[HostPattern]>,
+    path_prefix: Box<str>,
+    pub split: Split,
+    pub sticky: Option<Sticky>,
+    pub override_header: Option<HeaderName>,
+    /// Time allowed to the response head.
+    pub request_timeout: Duration,
+    /// Every backend the route may send to, including those at 0 %, for `override_header`.
+    members: Box<[usize]>,
+}
+
+#[derive(Debug)]
+pub struct Backend {
+    pub name: Arc<str>,
+    pub version: Option<Arc<str>>,
+    pub servers: Box<[Arc<Server>]>,
+}
+
+/// A server's live state, shared by every snapshot that names it.
+#[derive(Debug)]
+pub struct Server {
+    pub addr: SocketAddr,
+    /// `host:port`, as metrics and `status` show it.
+    pub label: Arc<str>,
+    /// Seeds rendezvous hashing; derived from the address so it is the same in every process.
+    seed: u64,
+    in_flight: AtomicU32,
+    in_rotation: AtomicBool,
+    pub pool: Pool,
+}
+
+impl Server {
+    fn new(addr: SocketAddr) -> Self {
+        let label: Arc<str> = addr.to_string().into();
+        Server {
+            addr,
+            seed: key_hash(label.as_bytes()),
+            label,
+            in_flight: AtomicU32::new(0),
+            in_rotation: AtomicBool::new(true),
+            pool: Pool::default(),
+        }
+    }
+
+    /// Requests sent to this server whose response has not yet ended.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether new requests may go to this server.
+    #[inline]
+    pub fn in_rotation(&self) -> bool {
+        self.in_rotation.load(Ordering::Relaxed)
+    }
+
+    pub fn set_in_rotation(&self, yes: bool) {
+        self.in_rotation.store(yes, Ordering::Relaxed);
+        if !yes {
+            self.pool.clear();
+        }
+    }
+
+    /// Counts a request against this server until the guard is dropped.
+    pub fn start_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+}
+
+/// A request in flight on a server; the count drops with the guard.
+#[derive(Debug)]
+pub struct InFlight(Arc<Server>);
+
+impl InFlight {
+    pub fn server(&self) -> &Arc<Server> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Table {
+    /// The first route, in file order, whose host and path prefix match.
+    #[inline]
+    pub fn route(&self, host: &str, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| prefix_matches(&r.path_prefix, path) && host_matches(&r.hosts, host))
+    }
+
+    pub fn backend(&self, index: usize) -> &Arc<Backend> {
+        &self.backends[index]
+    }
+
+    pub fn backend_index(&self, name: &str) -> Option<usize> {
+        self.backends.iter().position(|b| &*b.name == name)
+    }
+
+    /// Builds a snapshot from a validated config. `servers` supplies the live state of
+    /// servers that exist already and records the new ones.
+    pub fn build(config: &Config, servers: &mut Servers, generation: u64) -> Table {
+        let backends: Box<[Arc<Backend>]> = config
+            .backends
+            .iter()
+            .map(|b| {
+                Arc::new(Backend {
+                    name: b.name.as_str().into(),
+                    version: b.version.as_deref().map(Into::into),
+                    servers: b.servers.iter().map(|&addr| servers.get_or_create(&b.name, addr)).collect(),
+                })
+            })
+            .collect();
+        let index = |name: &str| backends.iter().position(|b| &*b.name == name);
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| {
+                let mut shares: Vec<(usize, BasisPoints)> =
+                    r.split.iter().filter_map(|(name, w)| Some((index(name)?, *w))).collect();
+                let mut members: Vec<usize> = shares.iter().map(|&(b, _)| b).collect();
+                if let Some(rollout) = &r.rollout {
+                    // The canary owns the lowest buckets, so its sticky cohort only grows
+                    // as its weight rises.
+                    if let Some(canary) = index(&rollout.canary) {
+                        if let Some(pos) = shares.iter().position(|&(b, _)| b == canary) {
+                            let entry = shares.remove(pos);
+                            shares.insert(0, entry);
+                        }
+                    }
+                    members.extend([&rollout.stable, &rollout.canary].into_iter().filter_map(|n| index(n)));
+                }
+                members.sort_unstable();
+                members.dedup();
+                Route {
+                    name: r.name.as_str().into(),
+                    hosts: r.hosts.clone().into(),
+                    path_prefix: r.path_prefix.as_str().into(),
+                    split: Split::new(shares),
+                    sticky: r.sticky.clone(),
+                    override_header: r.override_header.clone(),
+                    request_timeout: r.request_timeout,
+                    members: members.into(),
+                }
+            })
+            .collect();
+        Table { generation, defaults: config.defaults.clone(), routes, backends }
+    }
+}
+
+impl Route {
+    /// The backend for a request: the one named in the override header if it belongs to
+    /// this route, else the split's choice for `bucket`. When the chosen backend has no
+    /// server in rotation, its share goes to the others.
+    #[inline]
+    pub fn pick_backend<'t>(
+        &self,
+        table: &'t Table,
+        bucket: u32,
+        overridden: Option<&[u8]>,
+    ) -> Option<&'t Arc<Backend>> {
+        if let Some(name) = overridden {
+            if let Some(&b) = self.members.iter().find(|&&b| table.backends[b].name.as_bytes() == name) {
+                return Some(&table.backends[b]);
+            }
+        }
+        let chosen = self.split.pick(bucket)?;
+        if table.backends[chosen].has_server_in_rotation() {
+            return Some(&table.backends[chosen]);
+        }
+        self.split.pick_usable(bucket, |b| table.backends[b].has_server_in_rotation()).map(|b| &table.backends[b])
+    }
+
+    pub fn path_prefix(&self) -> &str {
+        &self.path_prefix
+    }
+}
+
+impl Backend {
+    pub fn has_server_in_rotation(&self) -> bool {
+        self.servers.iter().any(|s| s.in_rotation())
+    }
+
+    /// A server in rotation for a request, other than `exclude`: for a sticky key the
+    /// rendezvous winner (the same server for the same key while it stays in rotation),
+    /// otherwise the less loaded of two picked at random.
+    #[inline]
+    pub fn pick_server(&self, sticky_hash: Option<u64>, exclude: Option<&Server>) -> Option<&Arc<Server>> {
+        let usable = |s: &&Arc<Server>| s.in_rotation() && !exclude.is_some_and(|e| std::ptr::eq(e, &***s));
+        if let Some(hash) = sticky_hash {
+            return self.servers.iter().filter(usable).max_by_key(|s| rendezvous_score(hash, s.seed));
+        }
+        match self.servers.len() {
+            0 => None,
+            1 => self.servers.first().filter(usable),
+            n => {
+                let a = &self.servers[fastrand::usize(0..n)];
+                let b = &self.servers[fastrand::usize(0..n)];
+                match (usable(&a), usable(&b)) {
+                    (true, true) => Some(if b.in_flight() < a.in_flight() { b } else { a }),
+                    (true, false) => Some(a),
+                    (false, true) => Some(b),
+                    (false, false) => self.servers.iter().find(usable),
+                }
+            }
+        }
+    }
+}
+
+/// The live servers, by backend and address. Owned by the control path.
+#[derive(Debug, Default)]
+pub struct Servers {
+    by_identity: HashMap<(String, SocketAddr), Arc<Server>>,
+}
+
+impl Servers {
+    fn get_or_create(&mut self, backend: &str, addr: SocketAddr) -> Arc<Server> {
+        self.by_identity.entry((backend.to_string(), addr)).or_insert_with(|| Arc::new(Server::new(addr))).clone()
+    }
+
+    /// Forgets servers no longer in `table`; requests still running on them keep their own
+    /// reference until they end.
+    pub fn retain_in(&mut self, table: &Table) {
+        self.by_identity.retain(|(backend, addr), _| {
+            table.backends.iter().any(|b| &*b.name == backend && b.servers.iter().any(|s| s.addr == *addr))
+        });
+    }
+}
+
+/// The hot path's handle on the table: it can read, never store.
+#[derive(Debug, Clone)]
+pub struct TableReader(Arc<ArcSwap<Table>>);
+
+impl TableReader {
+    /// The current snapshot, owned: safe to keep across `.await` for as long as the
+    /// request runs.
+    #[inline]
+    pub fn load(&self) -> Arc<Table> {
+        self.0.load_full()
+    }
+}
+
+/// The single writer of the table.
+#[derive(Debug)]
+pub struct TableWriter(Arc<ArcSwap<Table>>);
+
+impl TableWriter {
+    pub fn new(table: Table) -> Self {
+        TableWriter(Arc::new(ArcSwap::from_pointee(table)))
+    }
+
+    pub fn reader(&self) -> TableReader {
+        TableReader(self.0.clone())
+    }
+
+    pub fn store(&self, table: Table) {
+        self.0.store(Arc::new(table));
+    }
+
+    pub fn current(&self) -> Arc<Table> {
+        self.0.load_full()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(text: &str) -> Table {
+        let config = crate::config::parse(text, "test").expect("valid config").config;
+        Table::build(&config, &mut Servers::default(), 1)
+    }
+
+    const CONFIG: &str = r#"
+[backends.blue]
+servers = ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]
+[backends.green]
+servers = ["127.0.0.1:9101"]
+
+[[routes]]
+name = "api"
+hosts = ["api.example.com"]
+path_prefix = "/v1"
+split = { green = 100 }
+
+[[routes]]
+name = "agent"
+split = { blue = 90, green = 10 }
+override_header = "x-switchyard-backend"
+[routes.rollout]
+strategy = "canary"
+stable = "blue"
+canary = "green"
+steps = [{ weight = 10, hold = "1m" }, { weight = 100 }]
+"#;
+
+    #[test]
+    fn routes_match_in_file_order() {
+        let t = table(CONFIG);
+        assert_eq!(&*t.route("api.example.com", "/v1/chat").expect("route").name, "api");
+        assert_eq!(&*t.route("api.example.com", "/v2").expect("route").name, "agent");
+        assert_eq!(&*t.route("other", "/v1").expect("route").name, "agent");
+    }
+
+    #[test]
+    fn the_canary_owns_the_lowest_buckets() {
+        let t = table(CONFIG);
+        let route = t.route("x", "/").expect("route");
+        assert_eq!(&*route.pick_backend(&t, 0, None).expect("backend").name, "green");
+        assert_eq!(&*route.pick_backend(&t, 999, None).expect("backend").name, "green");
+        assert_eq!(&*route.pick_backend(&t, 1000, None).expect("backend").name, "blue");
+    }
+
+    #[test]
+    fn the_override_header_reaches_members_only() {
+        let t = table(CONFIG);
+        let agent = t.route("x", "/").expect("route");
+        assert_eq!(&*agent.pick_backend(&t, 5000, Some(b"green")).expect("backend").name, "green");
+        assert_eq!(&*agent.pick_backend(&t, 5000, Some(b"nope")).expect("backend").name, "blue");
+    }
+
+    #[test]
+    fn a_backend_out_of_rotation_gives_its_share_away() {
+        let t = table(CONFIG);
+        let agent = t.route("x", "/").expect("route");
+        for s in t.backends[t.backend_index("green").expect("green")].servers.iter() {
+            s.set_in_rotation(false);
+        }
+        assert_eq!(&*agent.pick_backend(&t, 0, None).expect("backend").name, "blue");
+    }
+
+    #[test]
+    fn sticky_keys_keep_their_server_and_only_move_when_it_leaves() {
+        let t = table(CONFIG);
+        let blue = &t.backends[t.backend_index("blue").expect("blue")];
+        let keys: Vec<u64> = (0..300).map(|i| key_hash(format!("k{i}").as_bytes())).collect();
+        let before: Vec<SocketAddr> =
+            keys.iter().map(|&k| blue.pick_server(Some(k), None).expect("server").addr).collect();
+        let again: Vec<SocketAddr> =
+            keys.iter().map(|&k| blue.pick_server(Some(k), None).expect("server").addr).collect();
+        assert_eq!(before, again);
+        assert!(blue.servers.iter().all(|s| before.contains(&s.addr)), "every server gets keys");
+        blue.servers[0].set_in_rotation(false);
+        for (&k, &was) in keys.iter().zip(&before) {
+            let now = blue.pick_server(Some(k), None).expect("server").addr;
+            assert_ne!(now, blue.servers[0].addr);
+            if was != blue.servers[0].addr {
+                assert_eq!(now, was, "a key moved though its server stayed");
+            }
+        }
+    }
+
+    #[test]
+    fn live_state_carries_over_a_rebuild() {
+        let config = crate::config::parse(CONFIG, "test").expect("valid").config;
+        let mut servers = Servers::default();
+        let first = Table::build(&config, &mut servers, 1);
+        let _guard = first.backends[0].servers[0].start_request();
+        let second = Table::build(&config, &mut servers, 2);
+        assert_eq!(second.backends[0].servers[0].in_flight(), 1);
+        assert!(Arc::ptr_eq(&first.backends[0].servers[0], &second.backends[0].servers[0]));
+    }
+}

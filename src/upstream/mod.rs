@@ -1,0 +1,139 @@
+//! Connections to servers: connecting with a timeout, HTTP/1.1 keep-alive pools, and the
+//! body type requests are sent with.
+//!
+//! Connecting is a step of its own, before any byte of the request is touched: a connect
+//! failure therefore leaves the request intact for a retry on another server. A pooled
+//! connection that turns out to be closed hands the unsent request back too
+//! (`try_send_request`), so keep-alive races with a server closing idle connections never
+//! reach the client.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// Idle connections kept per server; more are closed as they come back.
+const MAX_IDLE_PER_SERVER: usize = 256;
+
+/// A connection ready to carry one request.
+pub type Sender = http1::SendRequest<RequestBody>;
+
+/// Why a new connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect to {addr} timed out after {after:?}")]
+    Timeout { addr: SocketAddr, after: Duration },
+    #[error("connect to {addr} failed: {source}")]
+    Refused { addr: SocketAddr, source: io::Error },
+    #[error("HTTP handshake with {addr} failed: {source}")]
+    Handshake { addr: SocketAddr, source: hyper::Error },
+}
+
+/// Idle keep-alive connections to one server.
+#[derive(Debug, Default)]
+pub struct Pool {
+    idle: Mutex<Vec<Sender>>,
+}
+
+impl Pool {
+    /// An idle connection that can take a request now, if there is one. Closed ones are
+    /// dropped on the way.
+    pub fn take(&self) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(sender) = idle.pop() {
+            if sender.is_ready() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose last response has been read to the end.
+    pub fn put(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE_PER_SERVER {
+            idle.push(sender);
+        }
+    }
+
+    /// Closes every idle connection (a server leaving rotation).
+    pub fn clear(&self) {
+        let drained = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(drained);
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// Opens a new HTTP/1.1 connection to `addr`. The connection's own task runs until the
+/// server or the last [`Sender`] closes it, and supports upgrades (WebSocket tunnels).
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Err(_) => return Err(ConnectError::Timeout { addr, after: timeout }),
+        Ok(Err(source)) => return Err(ConnectError::Refused { addr, source }),
+        Ok(Ok(s)) => s,
+    };
+    // Small writes (SSE events, WebSocket frames) must leave at once.
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| ConnectError::Handshake { addr, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(server = %addr, error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// The body of a request on its way to a server: the client's own, streamed as it comes,
+/// or nothing (health checks, replays of bodiless requests).
+#[derive(Debug)]
+pub enum RequestBody {
+    Client(Incoming),
+    Empty,
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    #[inline]
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Client(body) => Pin::new(body).poll_frame(cx),
+            RequestBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Client(body) => body.is_end_stream(),
+            RequestBody::Empty => true,
+        }
+    }
+
+    #[inline]
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Client(body) => body.size_hint(),
+            RequestBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
