@@ -1,0 +1,465 @@
+#!/usr/bin/env bash
+# Load comparison: switchyard vs nginx as reverse proxies in front of the same origin.
+#
+#   bash benches/load.sh            # full run: DURATION=10 s per trial, ROUNDS=3, 50 and 1000 connections
+#   bash benches/load.sh --quick    # smoke test: DURATION=2, ROUNDS=1, 50 connections, tiny long-poll test
+#
+# Environment (all optional):
+#   DURATION=10        seconds per wrk trial
+#   ROUNDS=3           rounds; each round runs nginx then switchyard for every test
+#   CONNS="50 1000"    client connection counts
+#   WARMUP=1           seconds of unmeasured wrk before each test on each proxy (0 = none)
+#   WRK_THREADS=1      wrk threads (wrk is pinned to one CPU, so 1 is the efficient choice)
+#   LP_CONNS=1000      concurrent long-polls in the memory test
+#   LP_DURATION=5      seconds the long-poll test runs
+#   LP_DELAY=1         seconds the long-poll origin holds each request
+#   PROXY_CPU=0        CPU for the proxies and origins;  WRK_CPU=1  CPU for wrk
+#   SKIP_BUILD=1       use the existing target/release/switchyard
+#
+# Everything listens on and talks to 127.0.0.1 only. All temporary files live in one
+# mktemp -d directory, removed at exit together with every process this script started.
+#
+# The key figure is "proxy CPU/req ÷ origin CPU/req": the proxy's CPU time (utime+stime of
+# all its processes, from /proc/PID/stat) over the origin's CPU time in the same trial. The
+# request count cancels, and the origin (nginx returning a fixed body) is the yardstick, so
+# the figure is fairly robust against the machine being busy with other work.
+set -euo pipefail
+
+QUICK=0
+for arg in "$@"; do
+    case "$arg" in
+        --quick) QUICK=1 ;;
+        -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
+        *) echo "load.sh: unknown argument: $arg" >&2; exit 2 ;;
+    esac
+done
+
+if ((QUICK)); then
+    DURATION=${DURATION:-2}
+    ROUNDS=${ROUNDS:-1}
+    CONNS=${CONNS:-50}
+    WARMUP=${WARMUP:-0}
+    LP_CONNS=${LP_CONNS:-50}
+    LP_DURATION=${LP_DURATION:-2}
+fi
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}
+CONNS=${CONNS:-50 1000}
+WARMUP=${WARMUP:-1}
+WRK_THREADS=${WRK_THREADS:-1}
+LP_CONNS=${LP_CONNS:-1000}
+LP_DURATION=${LP_DURATION:-5}
+LP_DELAY=${LP_DELAY:-1}
+PROXY_CPU=${PROXY_CPU:-0}
+WRK_CPU=${WRK_CPU:-1}
+SKIP_BUILD=${SKIP_BUILD:-0}
+TESTS=(2b 4k)
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TEMPLATES="$ROOT/benches/load"
+SWITCHYARD="$ROOT/target/release/switchyard"
+
+log() { printf '[load] %s\n' "$*" >&2; }
+die() { printf '[load] error: %s\n' "$*" >&2; exit 1; }
+
+# ---------------------------------------------------------------- tools
+
+need_apt=()
+command -v nginx >/dev/null 2>&1 || need_apt+=(nginx)
+command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
+if ((${#need_apt[@]})); then
+    log "installing ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+for tool in nginx wrk python3 taskset getconf; do
+    command -v "$tool" >/dev/null 2>&1 || die "$tool not found"
+done
+NGINX=$(command -v nginx)
+CLK_TCK=$(getconf CLK_TCK)
+
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
+NOFILE=$(ulimit -n)
+if [[ $NOFILE != unlimited ]] && ((NOFILE < 4096)); then
+    log "warning: ulimit -n is only $NOFILE; 1000 connections may fail"
+fi
+[[ $NOFILE == unlimited ]] && NOFILE=65536
+
+if ((SKIP_BUILD)) && [[ -x $SWITCHYARD ]]; then
+    log "using existing $SWITCHYARD"
+else
+    log "cargo build --release"
+    (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
+fi
+[[ -x $SWITCHYARD ]] || die "$SWITCHYARD missing after the build"
+
+# ---------------------------------------------------------------- processes and cleanup
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/switchyard-load.XXXXXX")
+PIDS=()
+
+stop_pid() { # stop_pid PID: TERM, wait up to 5 s, then KILL
+    local pid=$1 i
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for ((i = 0; i < 50; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$? pid
+    trap - EXIT INT TERM
+    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+    # nginx workers leave with their master; make sure of it for ours only.
+    for pid in $(children_of_all "${PIDS[@]}"); do kill -KILL "$pid" 2>/dev/null || true; done
+    rm -rf "$TMP"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+children_of_all() { # children_of_all PID...: direct children of the given pids
+    (($#)) || return 0
+    local f ppid rest
+    for f in /proc/[0-9]*/stat; do
+        rest=$(cat "$f" 2>/dev/null) || continue
+        rest=${rest##*) } # after "pid (comm) "
+        ppid=$(set -- $rest; echo "$2")
+        for p in "$@"; do
+            if [[ $ppid == "$p" ]]; then
+                f=${f#/proc/}; echo "${f%/stat}"
+            fi
+        done
+    done
+}
+
+pids_of() { # pids_of PID: the pid and its direct children (nginx master + workers)
+    echo "$1"
+    children_of_all "$1"
+}
+
+cpu_ticks() { # cpu_ticks PID: utime+stime of PID and its children, in clock ticks
+    local total=0 pid stat fields
+    for pid in $(pids_of "$1"); do
+        stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+        fields=${stat##*) }
+        # fields after comm: state(3) ppid(4) ... utime(14) stime(15) => positions 12, 13 here
+        total=$((total + $(set -- $fields; echo "$(( ${12} + ${13} ))")))
+    done
+    echo "$total"
+}
+
+rss_kib() { # rss_kib PID: VmRSS of PID and its children, KiB
+    local total=0 pid v
+    for pid in $(pids_of "$1"); do
+        v=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null) || continue
+        total=$((total + ${v:-0}))
+    done
+    echo "$total"
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+wait_port() { # wait_port PORT PID LOGFILE: bounded wait (10 s) until 127.0.0.1:PORT accepts
+    local port=$1 pid=$2 logfile=$3 i
+    for ((i = 0; i < 100; i++)); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            log "process $pid exited; its log ($logfile):"
+            cat "$logfile" >&2 || true
+            die "process on port $port did not start"
+        fi
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    cat "$logfile" >&2 || true
+    die "nothing listening on 127.0.0.1:$port after 10 s"
+}
+
+render() { # render TEMPLATE OUT KEY=VALUE...: replace @KEY@ with VALUE
+    local template=$1 out=$2 kv content
+    shift 2
+    content=$(<"$template")
+    for kv in "$@"; do
+        content=${content//@${kv%%=*}@/${kv#*=}}
+    done
+    printf '%s\n' "$content" >"$out"
+}
+
+USER_LINE=""
+((EUID == 0)) && USER_LINE="user root;" # workers need the 0700 temp dir
+
+start_nginx() { # start_nginx NAME TEMPLATE KEY=VALUE... ; sets STARTED_PID
+    local name=$1 template=$2
+    shift 2
+    local conf="$TMP/$name.conf"
+    render "$template" "$conf" "DIR=$TMP" "NAME=$name" "USER_LINE=$USER_LINE" "NOFILE=$NOFILE" "$@"
+    "$NGINX" -t -q -p "$TMP" -e "$TMP/$name-startup.log" -c "$conf" >"$TMP/$name.out" 2>&1 ||
+        { cat "$TMP/$name.out" >&2; die "nginx config $name is invalid"; }
+    taskset -c "$PROXY_CPU" "$NGINX" -p "$TMP" -e "$TMP/$name-startup.log" -c "$conf" -g 'daemon off;' \
+        >>"$TMP/$name.out" 2>&1 &
+    STARTED_PID=$!
+    PIDS+=("$STARTED_PID")
+}
+
+start_switchyard() { # start_switchyard NAME PORT UPSTREAM_PORT ; sets STARTED_PID
+    local name=$1 port=$2 upstream=$3
+    local conf="$TMP/$name.toml"
+    render "$TEMPLATES/switchyard.toml" "$conf" "DIR=$TMP" "NAME=$name" "PORT=$port" "UPSTREAM_PORT=$upstream"
+    "$SWITCHYARD" check -c "$conf" >"$TMP/$name.out" 2>&1 ||
+        { cat "$TMP/$name.out" >&2; die "switchyard config $name is invalid"; }
+    RUST_LOG=warn taskset -c "$PROXY_CPU" "$SWITCHYARD" run -c "$conf" 2>"$TMP/$name.log" &
+    STARTED_PID=$!
+    PIDS+=("$STARTED_PID")
+}
+
+start_longpoll_origin() { # start_longpoll_origin PORT ; sets STARTED_PID
+    taskset -c "$PROXY_CPU" python3 "$TEMPLATES/longpoll_origin.py" "$1" "$LP_DELAY" >"$TMP/lp-origin.log" 2>&1 &
+    STARTED_PID=$!
+    PIDS+=("$STARTED_PID")
+}
+
+stop_started() { # stop_started PID: stop one of our processes and forget it
+    local pid=$1 keep=() p
+    stop_pid "$pid"
+    for p in "${PIDS[@]}"; do [[ $p == "$pid" ]] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+# ---------------------------------------------------------------- wrk and numbers
+
+run_wrk() { # run_wrk OUTFILE CONNS SECONDS URL [extra wrk args]
+    local out=$1 conns=$2 secs=$3 url=$4
+    shift 4
+    local threads=$WRK_THREADS
+    ((threads > conns)) && threads=$conns
+    taskset -c "$WRK_CPU" wrk -t "$threads" -c "$conns" -d "${secs}s" --latency "$@" "$url" >"$out" 2>&1 ||
+        { cat "$out" >&2; die "wrk failed against $url"; }
+}
+
+wrk_rps() { awk '/^Requests\/sec:/ {print $2}' "$1"; }
+wrk_requests() { awk '/ requests in / {print $1}' "$1"; }
+wrk_p99_ms() { # 99% line of --latency, converted to ms
+    awk '$1 == "99%" {
+        v = $2; n = v + 0
+        if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n += 0; else if (v ~ /m$/) n *= 60000; else if (v ~ /s$/) n *= 1000
+        printf "%.3f\n", n; exit }' "$1"
+}
+wrk_errors() { # "" when clean, else a short description of socket errors / non-2xx responses
+    awk '/Socket errors:/ {sub(/^ +/, ""); printf "%s; ", $0}
+         /Non-2xx or 3xx responses:/ {sub(/^ +/, ""); printf "%s; ", $0}' "$1"
+}
+
+median() { # median NUMBER...
+    printf '%s\n' "$@" | sort -g | awk '{a[NR] = $1} END {
+        if (NR == 0) { print "nan"; exit }
+        if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0 || a == "nan" || b == "nan") print "n/a"; else printf "%.2f\n", a / b }'; }
+fmt() { awk -v v="$1" -v f="$2" 'BEGIN { if (v == "nan" || v == "n/a") print "n/a"; else printf f "\n", v }'; }
+
+check_body() { # check_body NAME URL EXPECTED_LEN: one request, verify status and length
+    local name=$1 url=$2 want=$3 got
+    got=$(python3 - "$url" <<'EOF'
+import sys, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=10) as r:
+        print(r.status, len(r.read()))
+except Exception as e:
+    print("error", repr(e).replace("\n", " "))
+EOF
+)
+    if [[ $got != "200 $want" ]]; then
+        die "$name: GET $url -> $got (want 200 with $want bytes)"
+    fi
+}
+
+# ---------------------------------------------------------------- start
+
+ORIGIN_PORT=$(free_port)
+NGINX_PORT=$(free_port)
+SY_PORT=$(free_port)
+BODY_4K=$(head -c 4096 /dev/zero | tr '\0' 'x')
+
+log "temp dir $TMP; CLK_TCK=$CLK_TCK; ulimit -n $NOFILE; proxies+origin on CPU $PROXY_CPU, wrk on CPU $WRK_CPU"
+log "DURATION=${DURATION}s ROUNDS=$ROUNDS CONNS=($CONNS) WARMUP=${WARMUP}s LP_CONNS=$LP_CONNS LP_DURATION=${LP_DURATION}s"
+
+start_nginx origin "$TEMPLATES/origin.nginx.conf" "ORIGIN_PORT=$ORIGIN_PORT" "BODY_4K=$BODY_4K"
+ORIGIN_PID=$STARTED_PID
+wait_port "$ORIGIN_PORT" "$ORIGIN_PID" "$TMP/origin-error.log"
+
+start_nginx nginx-proxy "$TEMPLATES/proxy.nginx.conf" "PORT=$NGINX_PORT" "UPSTREAM_PORT=$ORIGIN_PORT"
+NGINX_PID=$STARTED_PID
+wait_port "$NGINX_PORT" "$NGINX_PID" "$TMP/nginx-proxy-error.log"
+
+start_switchyard switchyard "$SY_PORT" "$ORIGIN_PORT"
+SY_PID=$STARTED_PID
+wait_port "$SY_PORT" "$SY_PID" "$TMP/switchyard.log"
+
+declare -A PORT_OF=([nginx]=$NGINX_PORT [switchyard]=$SY_PORT)
+declare -A PID_OF=([nginx]=$NGINX_PID [switchyard]=$SY_PID)
+declare -A LEN_OF=([2b]=2 [4k]=4096)
+PROXIES=(nginx switchyard)
+
+for t in "${TESTS[@]}"; do
+    check_body origin "http://127.0.0.1:$ORIGIN_PORT/$t" "${LEN_OF[$t]}"
+    for p in "${PROXIES[@]}"; do
+        check_body "$p" "http://127.0.0.1:${PORT_OF[$p]}/$t" "${LEN_OF[$t]}"
+    done
+done
+log "origin, nginx (:$NGINX_PORT) and switchyard (:$SY_PORT) answer /2b and /4k correctly"
+
+# ---------------------------------------------------------------- throughput trials
+
+declare -A RPS P99 CPUR CPUABS ERRS
+ROWS=()
+for t in "${TESTS[@]}"; do
+    for c in $CONNS; do
+        key="$t/$c"
+        ROWS+=("$key")
+        if ((WARMUP > 0)); then
+            for p in "${PROXIES[@]}"; do
+                run_wrk "$TMP/warmup.txt" "$c" "$WARMUP" "http://127.0.0.1:${PORT_OF[$p]}/$t"
+            done
+        fi
+        for ((r = 1; r <= ROUNDS; r++)); do
+            for p in "${PROXIES[@]}"; do
+                out="$TMP/wrk-$t-$c-$p-$r.txt"
+                p0=$(cpu_ticks "${PID_OF[$p]}")
+                o0=$(cpu_ticks "$ORIGIN_PID")
+                run_wrk "$out" "$c" "$DURATION" "http://127.0.0.1:${PORT_OF[$p]}/$t"
+                p1=$(cpu_ticks "${PID_OF[$p]}")
+                o1=$(cpu_ticks "$ORIGIN_PID")
+                kill -0 "${PID_OF[$p]}" 2>/dev/null || die "$p died during $key round $r"
+                rps=$(wrk_rps "$out")
+                reqs=$(wrk_requests "$out")
+                p99=$(wrk_p99_ms "$out")
+                dp=$((p1 - p0))
+                do_=$((o1 - o0))
+                cr=$(ratio "$dp" "$do_")
+                # proxy CPU per request in µs
+                cabs=$(awk -v t="$dp" -v n="$reqs" -v hz="$CLK_TCK" 'BEGIN { if (n > 0) printf "%.2f", t / hz * 1e6 / n; else print "nan" }')
+                errs=$(wrk_errors "$out")
+                RPS[$key/$p]+="$rps "
+                P99[$key/$p]+="$p99 "
+                [[ $cr != n/a ]] && CPUR[$key/$p]+="$cr "
+                CPUABS[$key/$p]+="$cabs "
+                [[ -n $errs ]] && ERRS[$key/$p]+="round $r: $errs"
+                log "$(printf '%-3s c=%-5s round %d %-10s %10.0f req/s  p99 %8.2f ms  proxy %5d ticks  origin %5d ticks  cpu ratio %s  proxy %s µs/req %s' \
+                    "$t" "$c" "$r" "$p" "$rps" "$p99" "$dp" "$do_" "$cr" "$cabs" "${errs:+ ERRORS: $errs}")"
+            done
+        done
+    done
+done
+
+# ---------------------------------------------------------------- long-poll memory test
+
+log "long-poll memory test: $LP_CONNS concurrent requests held ${LP_DELAY}s each at the origin, ${LP_DURATION}s per proxy"
+stop_started "$NGINX_PID"
+stop_started "$SY_PID"
+
+LP_ORIGIN_PORT=$(free_port)
+start_longpoll_origin "$LP_ORIGIN_PORT"
+LP_ORIGIN_PID=$STARTED_PID
+wait_port "$LP_ORIGIN_PORT" "$LP_ORIGIN_PID" "$TMP/lp-origin.log"
+
+declare -A LP_IDLE LP_PEAK LP_REQS LP_ERRS
+for p in "${PROXIES[@]}"; do
+    port=$(free_port)
+    if [[ $p == nginx ]]; then
+        start_nginx nginx-lp "$TEMPLATES/proxy.nginx.conf" "PORT=$port" "UPSTREAM_PORT=$LP_ORIGIN_PORT"
+        pid=$STARTED_PID
+        wait_port "$port" "$pid" "$TMP/nginx-lp-error.log"
+    else
+        start_switchyard switchyard-lp "$port" "$LP_ORIGIN_PORT"
+        pid=$STARTED_PID
+        wait_port "$port" "$pid" "$TMP/switchyard-lp.log"
+    fi
+    check_body "$p (long-poll)" "http://127.0.0.1:$port/lp" 2
+    sleep 0.5
+    LP_IDLE[$p]=$(rss_kib "$pid")
+    out="$TMP/wrk-lp-$p.txt"
+    timeout_s=$((LP_DELAY * 5 + 5))
+    run_wrk "$out" "$LP_CONNS" "$LP_DURATION" "http://127.0.0.1:$port/lp" --timeout "${timeout_s}s" &
+    wrk_pid=$!
+    peak=0
+    # sample RSS every 0.1 s while wrk runs (bounded: at most LP_DURATION + 30 s)
+    for ((i = 0; i < (LP_DURATION + 30) * 10; i++)); do
+        kill -0 "$wrk_pid" 2>/dev/null || break
+        v=$(rss_kib "$pid")
+        ((v > peak)) && peak=$v
+        sleep 0.1
+    done
+    wait "$wrk_pid" || die "wrk long-poll run against $p failed"
+    kill -0 "$pid" 2>/dev/null || die "$p died during the long-poll test"
+    LP_PEAK[$p]=$peak
+    LP_REQS[$p]=$(wrk_requests "$out")
+    LP_ERRS[$p]=$(wrk_errors "$out")
+    log "$(printf 'long-poll %-10s idle RSS %6d KiB  peak RSS %6d KiB  %s requests  p99 %s ms %s' \
+        "$p" "${LP_IDLE[$p]}" "$peak" "${LP_REQS[$p]}" "$(wrk_p99_ms "$out")" "${LP_ERRS[$p]:+ ERRORS: ${LP_ERRS[$p]}}")"
+    stop_started "$pid"
+done
+
+# ---------------------------------------------------------------- report
+
+ms() { awk -v v="$1" 'BEGIN { if (v == "nan") print "n/a"; else if (v < 10) printf "%.2f ms\n", v; else printf "%.1f ms\n", v }'; }
+
+echo
+echo "## switchyard vs nginx as reverse proxy"
+echo
+echo "One worker each (nginx \`worker_processes 1\`, switchyard \`worker_threads = 1\`), proxy and origin"
+echo "pinned to CPU $PROXY_CPU, wrk ($WRK_THREADS thread) pinned to CPU $WRK_CPU; origin: nginx returning a fixed body."
+echo "Medians of $ROUNDS round(s) of ${DURATION} s per proxy, the proxies alternating."
+echo "CPU/req ÷ origin CPU/req: the proxy's utime+stime over the origin's in the same trial (lower is better)."
+echo
+echo "| test | connections | nginx req/s | switchyard req/s | ratio | nginx p99 | switchyard p99 | nginx CPU/req ÷ origin CPU/req | switchyard CPU/req ÷ origin CPU/req | ratio |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+DETAILS=()
+for key in "${ROWS[@]}"; do
+    t=${key%/*}
+    c=${key#*/}
+    # shellcheck disable=SC2086
+    {
+        n_rps=$(median ${RPS[$key/nginx]})
+        s_rps=$(median ${RPS[$key/switchyard]})
+        n_p99=$(median ${P99[$key/nginx]})
+        s_p99=$(median ${P99[$key/switchyard]})
+        n_cpu=$(median ${CPUR[$key/nginx]:-})
+        s_cpu=$(median ${CPUR[$key/switchyard]:-})
+        n_abs=$(median ${CPUABS[$key/nginx]})
+        s_abs=$(median ${CPUABS[$key/switchyard]})
+    }
+    label=$([[ $t == 2b ]] && echo "2-byte body" || echo "4 KiB body")
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" "$c" \
+        "$(fmt "$n_rps" '%.0f')" "$(fmt "$s_rps" '%.0f')" "$(ratio "$s_rps" "$n_rps")" \
+        "$(ms "$n_p99")" "$(ms "$s_p99")" \
+        "$(fmt "$n_cpu" '%.2f')" "$(fmt "$s_cpu" '%.2f')" "$(ratio "$s_cpu" "$n_cpu")"
+    DETAILS+=("$(printf -- '- %s, %s connections: p99 ratio switchyard/nginx %s; proxy CPU per request: nginx %s µs, switchyard %s µs (ratio %s)' \
+        "$label" "$c" "$(ratio "$s_p99" "$n_p99")" "$(fmt "$n_abs" '%.2f')" "$(fmt "$s_abs" '%.2f')" "$(ratio "$s_abs" "$n_abs")")")
+    for p in "${PROXIES[@]}"; do
+        [[ -n ${ERRS[$key/$p]:-} ]] && DETAILS+=("  - **$p errors** ($label, $c connections): ${ERRS[$key/$p]}")
+    done
+done
+echo
+n_peak=${LP_PEAK[nginx]}
+s_peak=${LP_PEAK[switchyard]}
+printf '**Memory, %d concurrent %s-s long-polls:** peak RSS nginx %.1f MiB, switchyard %.1f MiB, ratio %s (idle: nginx %.1f MiB, switchyard %.1f MiB).\n' \
+    "$LP_CONNS" "$LP_DELAY" "$(awk -v k="$n_peak" 'BEGIN{print k/1024}')" "$(awk -v k="$s_peak" 'BEGIN{print k/1024}')" \
+    "$(ratio "$s_peak" "$n_peak")" \
+    "$(awk -v k="${LP_IDLE[nginx]}" 'BEGIN{print k/1024}')" "$(awk -v k="${LP_IDLE[switchyard]}" 'BEGIN{print k/1024}')"
+echo
+echo "Details:"
+for d in "${DETAILS[@]}"; do echo "$d"; done
+for p in "${PROXIES[@]}"; do
+    echo "- long-poll through $p: ${LP_REQS[$p]} requests in ${LP_DURATION} s${LP_ERRS[$p]:+; **errors**: ${LP_ERRS[$p]}}"
+done
+if [[ -s $TMP/switchyard.log || -s $TMP/switchyard-lp.log ]]; then
+    echo "- switchyard logged (RUST_LOG=warn):"
+    cat "$TMP/switchyard.log" "$TMP/switchyard-lp.log" 2>/dev/null | head -20 | sed 's/^/    /'
+fi

@@ -1,0 +1,55 @@
+//! The binary as an operator runs it.
+
+use std::process::Command;
+
+fn switchyard(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard")).args(args).output().expect("run switchyard");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_shipped_config_passes_check() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).expect("config/") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let (code, out, err) = switchyard(&["check", "-c", path.to_str().expect("utf-8 path")]);
+            assert_eq!(code, 0, "{}: {err}", path.display());
+            assert!(out.contains(": ok: "), "{out}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "only {checked} configs found");
+}
+
+#[test]
+fn check_lists_every_error_with_its_line_and_exits_1() {
+    let dir = std::env::temp_dir().join(format!("switchyard-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("bad.toml");
+    std::fs::write(
+        &file,
+        "[backends.blue]\nservers = [\"not-an-address\"]\n\n[[routes]]\nname = \"agent\"\nsplit = { blue = 60, ghost = 30 }\n",
+    )
+    .expect("write");
+    let (code, out, err) = switchyard(&["check", "-c", file.to_str().expect("utf-8")]);
+    assert_eq!(code, 1);
+    assert_eq!(out, "");
+    assert!(err.contains("bad.toml:2:12: backends.blue.servers[0]: \"not-an-address\" is not an address"), "{err}");
+    assert!(err.contains("bad.toml:6:9: routes[0].split: shares sum to 90 %"), "{err}");
+    assert!(err.contains("bad.toml:6:30: routes[0].split.ghost: no backend named \"ghost\""), "{err}");
+    assert!(err.contains("3 errors"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_missing_config_is_a_clear_error() {
+    let (code, _, err) = switchyard(&["check", "-c", "/nonexistent/switchyard.toml"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot read the file"), "{err}");
+}

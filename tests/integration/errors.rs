@@ -1,0 +1,127 @@
+//! Every error a client can get, each with its status and a body naming the cause, and
+//! the failures switchyard absorbs so that clients never see them.
+
+use std::time::Duration;
+
+use http::{Request, Response};
+
+use crate::support::*;
+
+fn one_route(backends: &str, split: &str, extra: &str) -> String {
+    format!("{backends}[[routes]]\nname = \"agent\"\nsplit = {{ {split} }}\n{extra}")
+}
+
+#[tokio::test]
+async fn a_request_without_a_host_is_400_with_a_reason() {
+    let blue = TestServer::named("blue").await;
+    let proxy = TestProxy::start(&one_route(&backend("blue", &[&blue]), "blue = 100", "")).await;
+    let answer = raw_exchange(proxy.addr, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("without a Host header"), "{answer}");
+    let answer = raw_exchange(proxy.addr, b"GET /a%zz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400") && answer.contains("percent-escape"), "{answer}");
+    let garbage = raw_exchange(proxy.addr, b"THIS IS NOT HTTP\r\n\r\n").await;
+    assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage}");
+    assert_eq!(blue.request_count(), 0);
+}
+
+#[tokio::test]
+async fn a_client_too_slow_with_its_head_gets_408_and_an_idle_one_is_closed_quietly() {
+    let blue = TestServer::named("blue").await;
+    let proxy = TestProxy::start(&format!(
+        "[defaults]\nheader_read_timeout = \"300ms\"\nidle_timeout = \"400ms\"\n{}",
+        one_route(&backend("blue", &[&blue]), "blue = 100", "")
+    ))
+    .await;
+    let started = tokio::time::Instant::now();
+    let answer = raw_exchange(proxy.addr, b"GET / HTTP/1.1\r\nHost: x\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("no complete request head within 300ms"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    let idle = raw_exchange(proxy.addr, b"").await;
+    assert_eq!(idle, "", "an idle connection is closed without a response");
+
+    // A keep-alive client that finished a request and then waits is idle, not slow.
+    let answer = raw_exchange(proxy.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200") && !answer.contains("408"), "{answer}");
+}
+
+#[tokio::test]
+async fn oversized_headers_are_431_with_a_reason() {
+    let blue = TestServer::named("blue").await;
+    let proxy = TestProxy::start(&format!(
+        "[defaults]\nmax_request_header_bytes = 4096\n{}",
+        one_route(&backend("blue", &[&blue]), "blue = 100", "")
+    ))
+    .await;
+    let client = client();
+    let req = Request::get(proxy.url("/")).header("x-big", "a".repeat(5000)).body(Default::default()).expect("req");
+    let (status, _, body) = fetch(&client, req).await.expect("answer");
+    assert_eq!(status, 431);
+    assert!(body.contains("over the limit of 4096"), "{body}");
+    let req = Request::get(proxy.url("/")).header("x-small", "a".repeat(3000)).body(Default::default()).expect("req");
+    assert_eq!(fetch(&client, req).await.expect("answer").0, 200);
+    assert_eq!(blue.request_count(), 1);
+}
+
+#[tokio::test]
+async fn all_servers_down_is_502_naming_the_backend() {
+    let (a, b) = (dead_addr().await, dead_addr().await);
+    let proxy =
+        TestProxy::start(&one_route(&format!("[backends.blue]\nservers = [\"{a}\", \"{b}\"]\n"), "blue = 100", ""))
+            .await;
+    let (status, _, body) = fetch(&client(), get(&proxy.url("/"))).await.expect("answer");
+    assert_eq!(status, 502);
+    assert!(body.contains("backend \"blue\" of route \"agent\"") && body.contains("connect to"), "{body}");
+}
+
+#[tokio::test]
+async fn a_connect_failure_is_retried_on_another_server() {
+    let live = TestServer::named("live").await;
+    let dead = dead_addr().await;
+    let proxy = TestProxy::start(&one_route(
+        &format!("[backends.blue]\nservers = [\"{dead}\", \"{}\"]\n", live.addr),
+        "blue = 100",
+        "",
+    ))
+    .await;
+    let client = client();
+    let mut failures = 0;
+    for _ in 0..200 {
+        match fetch(&client, get(&proxy.url("/"))).await {
+            Ok((status, _, body)) if status == 200 && body == "live" => {}
+            _ => failures += 1,
+        }
+    }
+    assert_eq!(failures, 0, "requests that met the dead server first must be retried on the live one");
+    assert_eq!(live.request_count(), 200);
+}
+
+#[tokio::test]
+async fn no_server_in_rotation_is_503_naming_the_route() {
+    let blue = TestServer::named("blue").await;
+    let proxy = TestProxy::start(&one_route(&backend("blue", &[&blue]), "blue = 100", "")).await;
+    for server in proxy.running.table().backends.iter().flat_map(|b| b.servers.iter()) {
+        server.set_in_rotation(false);
+    }
+    let (status, _, body) = fetch(&client(), get(&proxy.url("/"))).await.expect("answer");
+    assert_eq!(status, 503);
+    assert!(body.contains("route \"agent\" has no server in rotation"), "{body}");
+}
+
+#[tokio::test]
+async fn a_server_slower_than_the_request_timeout_is_504() {
+    let slow = TestServer::with_handler("slow", |_req| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        Response::new(text("late"))
+    })
+    .await;
+    let proxy =
+        TestProxy::start(&one_route(&backend("slow", &[&slow]), "slow = 100", "request_timeout = \"200ms\"\n")).await;
+    let started = tokio::time::Instant::now();
+    let (status, _, body) = fetch(&client(), get(&proxy.url("/"))).await.expect("answer");
+    assert_eq!(status, 504);
+    assert!(body.contains("no response head within 200ms"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

@@ -1,0 +1,63 @@
+//! What crosses the proxy in headers, and what does not.
+
+use http::{Request, Response};
+
+use crate::support::*;
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed_and_forwarding_headers_set() {
+    let blue = TestServer::with_handler("blue", |_req| async {
+        let mut r = Response::new(text("blue"));
+        r.headers_mut().insert("keep-alive", http::HeaderValue::from_static("timeout=5"));
+        r.headers_mut().insert("proxy-authenticate", http::HeaderValue::from_static("Basic"));
+        r
+    })
+    .await;
+    let proxy =
+        TestProxy::start(&format!("{}[[routes]]\nname = \"r\"\nsplit = {{ blue = 100 }}\n", backend("blue", &[&blue])))
+            .await;
+    let req = Request::get(proxy.url("/x"))
+        .header("host", "agent.example.com")
+        .header("connection", "x-private")
+        .header("x-private", "secret")
+        .header("keep-alive", "timeout=5")
+        .header("te", "trailers")
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-forwarded-proto", "https")
+        .header("via", "1.1 edge")
+        .header("x-kept", "yes")
+        .body(Default::default())
+        .expect("req");
+    let (status, headers, _) = fetch(&client(), req).await.expect("answer");
+    assert_eq!(status, 200);
+    assert!(headers.get("keep-alive").is_none() && headers.get("proxy-authenticate").is_none(), "{headers:?}");
+
+    let seen = &blue.requests()[0].headers;
+    for gone in ["x-private", "keep-alive", "te", "proxy-authorization"] {
+        assert!(seen.get(gone).is_none(), "{gone} crossed the proxy: {seen:?}");
+    }
+    assert_eq!(seen["x-kept"], "yes");
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http", "a client cannot claim https");
+    assert_eq!(seen["x-forwarded-host"], "agent.example.com");
+    assert_eq!(seen["host"], "agent.example.com");
+    assert_eq!(seen["via"], "1.1 edge, 1.1 switchyard");
+}
+
+#[tokio::test]
+async fn a_client_cannot_strip_forwarding_headers_through_connection() {
+    let blue = TestServer::named("blue").await;
+    let proxy =
+        TestProxy::start(&format!("{}[[routes]]\nname = \"r\"\nsplit = {{ blue = 100 }}\n", backend("blue", &[&blue])))
+            .await;
+    let req = Request::get(proxy.url("/"))
+        .header("connection", "x-forwarded-for, x-forwarded-proto, via")
+        .body(Default::default())
+        .expect("req");
+    assert_eq!(fetch(&client(), req).await.expect("answer").0, 200);
+    let seen = &blue.requests()[0].headers;
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["via"], "1.1 switchyard");
+}

@@ -1,0 +1,10 @@
+//! Integration tests: real HTTP servers on 127.0.0.1, real clients, and the real proxy
+//! started through its library entry point (the CLI tests run the binary). One binary, so
+//! it builds once.
+
+mod cli;
+mod errors;
+mod headers;
+mod routing;
+mod streaming;
+mod support;
