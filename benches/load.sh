@@ -114,8 +114,6 @@ cleanup() {
     local rc=$? pid
     trap - EXIT INT TERM
     for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
-    # nginx workers leave with their master; make sure of it for ours only.
-    for pid in $(children_of_all "${PIDS[@]}"); do kill -KILL "$pid" 2>/dev/null || true; done
     rm -rf "$TMP"
     exit "$rc"
 }
@@ -123,24 +121,46 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-children_of_all() { # children_of_all PID...: direct children of the given pids
-    (($#)) || return 0
-    local f ppid rest
+children_of() { # children_of PID: direct children of PID
+    local f rest ppid
+    if [[ -r /proc/$1/task/$1/children ]]; then
+        cat "/proc/$1/task/$1/children" 2>/dev/null || true
+        return 0
+    fi
     for f in /proc/[0-9]*/stat; do
         rest=$(cat "$f" 2>/dev/null) || continue
         rest=${rest##*) } # after "pid (comm) "
         ppid=$(set -- $rest; echo "$2")
-        for p in "$@"; do
-            if [[ $ppid == "$p" ]]; then
-                f=${f#/proc/}; echo "${f%/stat}"
-            fi
-        done
+        if [[ $ppid == "$1" ]]; then
+            f=${f#/proc/}
+            echo "${f%/stat}"
+        fi
     done
 }
 
-pids_of() { # pids_of PID: the pid and its direct children (nginx master + workers)
-    echo "$1"
-    children_of_all "$1"
+declare -A GROUP
+set_group() { # set_group PID MIN_CHILDREN: remember PID + its children (nginx master + workers)
+    local pid=$1 min=$2 kids i
+    for ((i = 0; i < 100; i++)); do
+        kids=$(children_of "$pid" | xargs)
+        if (($(wc -w <<<"$kids") >= min)); then
+            GROUP[$pid]="$pid $kids"
+            return 0
+        fi
+        sleep 0.1
+    done
+    die "process $pid has no worker processes after 10 s"
+}
+
+pids_of() { echo "${GROUP[$1]:-$1}"; }
+
+pss_kib() { # pss_kib PID: Pss of PID and its children, KiB (shared pages split between them)
+    local total=0 pid v
+    for pid in $(pids_of "$1"); do
+        v=$(awk '/^Pss:/ {print $2}' "/proc/$pid/smaps_rollup" 2>/dev/null) || continue
+        total=$((total + ${v:-0}))
+    done
+    echo "$total"
 }
 
 cpu_ticks() { # cpu_ticks PID: utime+stime of PID and its children, in clock ticks
@@ -257,12 +277,24 @@ wrk_errors() { # "" when clean, else a short description of socket errors / non-
 }
 
 median() { # median NUMBER...
+    (($#)) || { echo nan; return 0; }
     printf '%s\n' "$@" | sort -g | awk '{a[NR] = $1} END {
         if (NR == 0) { print "nan"; exit }
         if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0 || a == "nan" || b == "nan") print "n/a"; else printf "%.2f\n", a / b }'; }
 fmt() { awk -v v="$1" -v f="$2" 'BEGIN { if (v == "nan" || v == "n/a") print "n/a"; else printf f "\n", v }'; }
+
+origin_accepts() { # connections the origin nginx has accepted so far (stub_status), or "nan"
+    python3 - "http://127.0.0.1:$ORIGIN_PORT/status" <<'EOF'
+import sys, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=10) as r:
+        print(r.read().decode().splitlines()[2].split()[0])
+except Exception:
+    print("nan")
+EOF
+}
 
 check_body() { # check_body NAME URL EXPECTED_LEN: one request, verify status and length
     local name=$1 url=$2 want=$3 got
@@ -285,18 +317,21 @@ EOF
 ORIGIN_PORT=$(free_port)
 NGINX_PORT=$(free_port)
 SY_PORT=$(free_port)
-BODY_4K=$(head -c 4096 /dev/zero | tr '\0' 'x')
+mkdir -p "$TMP/www"
+head -c 4096 /dev/zero | tr '\0' 'x' >"$TMP/www/4k"
 
 log "temp dir $TMP; CLK_TCK=$CLK_TCK; ulimit -n $NOFILE; proxies+origin on CPU $PROXY_CPU, wrk on CPU $WRK_CPU"
 log "DURATION=${DURATION}s ROUNDS=$ROUNDS CONNS=($CONNS) WARMUP=${WARMUP}s LP_CONNS=$LP_CONNS LP_DURATION=${LP_DURATION}s"
 
-start_nginx origin "$TEMPLATES/origin.nginx.conf" "ORIGIN_PORT=$ORIGIN_PORT" "BODY_4K=$BODY_4K"
+start_nginx origin "$TEMPLATES/origin.nginx.conf" "ORIGIN_PORT=$ORIGIN_PORT"
 ORIGIN_PID=$STARTED_PID
 wait_port "$ORIGIN_PORT" "$ORIGIN_PID" "$TMP/origin-error.log"
+set_group "$ORIGIN_PID" 1
 
 start_nginx nginx-proxy "$TEMPLATES/proxy.nginx.conf" "PORT=$NGINX_PORT" "UPSTREAM_PORT=$ORIGIN_PORT"
 NGINX_PID=$STARTED_PID
 wait_port "$NGINX_PORT" "$NGINX_PID" "$TMP/nginx-proxy-error.log"
+set_group "$NGINX_PID" 1
 
 start_switchyard switchyard "$SY_PORT" "$ORIGIN_PORT"
 SY_PID=$STARTED_PID
@@ -317,7 +352,7 @@ log "origin, nginx (:$NGINX_PORT) and switchyard (:$SY_PORT) answer /2b and /4k 
 
 # ---------------------------------------------------------------- throughput trials
 
-declare -A RPS P99 CPUR CPUABS ERRS
+declare -A RPS P99 CPUR CPUABS ERRS OCONN
 ROWS=()
 for t in "${TESTS[@]}"; do
     for c in $CONNS; do
@@ -331,11 +366,15 @@ for t in "${TESTS[@]}"; do
         for ((r = 1; r <= ROUNDS; r++)); do
             for p in "${PROXIES[@]}"; do
                 out="$TMP/wrk-$t-$c-$p-$r.txt"
+                a0=$(origin_accepts)
                 p0=$(cpu_ticks "${PID_OF[$p]}")
                 o0=$(cpu_ticks "$ORIGIN_PID")
                 run_wrk "$out" "$c" "$DURATION" "http://127.0.0.1:${PORT_OF[$p]}/$t"
                 p1=$(cpu_ticks "${PID_OF[$p]}")
                 o1=$(cpu_ticks "$ORIGIN_PID")
+                a1=$(origin_accepts)
+                # minus one: the second status request's own connection
+                oconn=$(awk -v a="$a0" -v b="$a1" 'BEGIN { if (a == "nan" || b == "nan") print "nan"; else print b - a - 1 }')
                 kill -0 "${PID_OF[$p]}" 2>/dev/null || die "$p died during $key round $r"
                 rps=$(wrk_rps "$out")
                 reqs=$(wrk_requests "$out")
@@ -350,9 +389,10 @@ for t in "${TESTS[@]}"; do
                 P99[$key/$p]+="$p99 "
                 [[ $cr != n/a ]] && CPUR[$key/$p]+="$cr "
                 CPUABS[$key/$p]+="$cabs "
+                OCONN[$key/$p]+="$oconn "
                 [[ -n $errs ]] && ERRS[$key/$p]+="round $r: $errs"
-                log "$(printf '%-3s c=%-5s round %d %-10s %10.0f req/s  p99 %8.2f ms  proxy %5d ticks  origin %5d ticks  cpu ratio %s  proxy %s µs/req %s' \
-                    "$t" "$c" "$r" "$p" "$rps" "$p99" "$dp" "$do_" "$cr" "$cabs" "${errs:+ ERRORS: $errs}")"
+                log "$(printf '%-3s c=%-5s round %d %-10s %10.0f req/s  p99 %8.2f ms  proxy %5d ticks  origin %5d ticks  cpu ratio %s  proxy %s µs/req  origin conns opened %s%s' \
+                    "$t" "$c" "$r" "$p" "$rps" "$p99" "$dp" "$do_" "$cr" "$cabs" "$oconn" "${errs:+  ERRORS: $errs}")"
             done
         done
     done
@@ -369,13 +409,14 @@ start_longpoll_origin "$LP_ORIGIN_PORT"
 LP_ORIGIN_PID=$STARTED_PID
 wait_port "$LP_ORIGIN_PORT" "$LP_ORIGIN_PID" "$TMP/lp-origin.log"
 
-declare -A LP_IDLE LP_PEAK LP_REQS LP_ERRS
+declare -A LP_IDLE LP_PEAK LP_PSS LP_REQS LP_ERRS
 for p in "${PROXIES[@]}"; do
     port=$(free_port)
     if [[ $p == nginx ]]; then
         start_nginx nginx-lp "$TEMPLATES/proxy.nginx.conf" "PORT=$port" "UPSTREAM_PORT=$LP_ORIGIN_PORT"
         pid=$STARTED_PID
         wait_port "$port" "$pid" "$TMP/nginx-lp-error.log"
+        set_group "$pid" 1
     else
         start_switchyard switchyard-lp "$port" "$LP_ORIGIN_PORT"
         pid=$STARTED_PID
@@ -385,24 +426,28 @@ for p in "${PROXIES[@]}"; do
     sleep 0.5
     LP_IDLE[$p]=$(rss_kib "$pid")
     out="$TMP/wrk-lp-$p.txt"
-    timeout_s=$((LP_DELAY * 5 + 5))
-    run_wrk "$out" "$LP_CONNS" "$LP_DURATION" "http://127.0.0.1:$port/lp" --timeout "${timeout_s}s" &
+    run_wrk "$out" "$LP_CONNS" "$LP_DURATION" "http://127.0.0.1:$port/lp" --timeout 30s &
     wrk_pid=$!
     peak=0
+    peak_pss=0
     # sample RSS every 0.1 s while wrk runs (bounded: at most LP_DURATION + 30 s)
     for ((i = 0; i < (LP_DURATION + 30) * 10; i++)); do
         kill -0 "$wrk_pid" 2>/dev/null || break
         v=$(rss_kib "$pid")
-        ((v > peak)) && peak=$v
+        if ((v > peak)); then
+            peak=$v
+            peak_pss=$(pss_kib "$pid")
+        fi
         sleep 0.1
     done
     wait "$wrk_pid" || die "wrk long-poll run against $p failed"
     kill -0 "$pid" 2>/dev/null || die "$p died during the long-poll test"
     LP_PEAK[$p]=$peak
+    LP_PSS[$p]=$peak_pss
     LP_REQS[$p]=$(wrk_requests "$out")
     LP_ERRS[$p]=$(wrk_errors "$out")
-    log "$(printf 'long-poll %-10s idle RSS %6d KiB  peak RSS %6d KiB  %s requests  p99 %s ms %s' \
-        "$p" "${LP_IDLE[$p]}" "$peak" "${LP_REQS[$p]}" "$(wrk_p99_ms "$out")" "${LP_ERRS[$p]:+ ERRORS: ${LP_ERRS[$p]}}")"
+    log "$(printf 'long-poll %-10s idle RSS %6d KiB  peak RSS %6d KiB (PSS %d KiB)  %s requests  p99 %s ms %s' \
+        "$p" "${LP_IDLE[$p]}" "$peak" "$peak_pss" "${LP_REQS[$p]}" "$(wrk_p99_ms "$out")" "${LP_ERRS[$p]:+ ERRORS: ${LP_ERRS[$p]}}")"
     stop_started "$pid"
 done
 
@@ -434,14 +479,17 @@ for key in "${ROWS[@]}"; do
         s_cpu=$(median ${CPUR[$key/switchyard]:-})
         n_abs=$(median ${CPUABS[$key/nginx]})
         s_abs=$(median ${CPUABS[$key/switchyard]})
+        n_oc=$(median ${OCONN[$key/nginx]})
+        s_oc=$(median ${OCONN[$key/switchyard]})
     }
     label=$([[ $t == 2b ]] && echo "2-byte body" || echo "4 KiB body")
     printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" "$c" \
         "$(fmt "$n_rps" '%.0f')" "$(fmt "$s_rps" '%.0f')" "$(ratio "$s_rps" "$n_rps")" \
         "$(ms "$n_p99")" "$(ms "$s_p99")" \
         "$(fmt "$n_cpu" '%.2f')" "$(fmt "$s_cpu" '%.2f')" "$(ratio "$s_cpu" "$n_cpu")"
-    DETAILS+=("$(printf -- '- %s, %s connections: p99 ratio switchyard/nginx %s; proxy CPU per request: nginx %s µs, switchyard %s µs (ratio %s)' \
-        "$label" "$c" "$(ratio "$s_p99" "$n_p99")" "$(fmt "$n_abs" '%.2f')" "$(fmt "$s_abs" '%.2f')" "$(ratio "$s_abs" "$n_abs")")")
+    DETAILS+=("$(printf -- '- %s, %s connections: p99 ratio switchyard/nginx %s; proxy CPU per request: nginx %s µs, switchyard %s µs (ratio %s); connections opened to the origin per trial: nginx %s, switchyard %s' \
+        "$label" "$c" "$(ratio "$s_p99" "$n_p99")" "$(fmt "$n_abs" '%.2f')" "$(fmt "$s_abs" '%.2f')" "$(ratio "$s_abs" "$n_abs")" \
+        "$(fmt "$n_oc" '%.0f')" "$(fmt "$s_oc" '%.0f')")")
     for p in "${PROXIES[@]}"; do
         [[ -n ${ERRS[$key/$p]:-} ]] && DETAILS+=("  - **$p errors** ($label, $c connections): ${ERRS[$key/$p]}")
     done
@@ -457,8 +505,13 @@ echo
 echo "Details:"
 for d in "${DETAILS[@]}"; do echo "$d"; done
 for p in "${PROXIES[@]}"; do
-    echo "- long-poll through $p: ${LP_REQS[$p]} requests in ${LP_DURATION} s${LP_ERRS[$p]:+; **errors**: ${LP_ERRS[$p]}}"
+    printf -- '- long-poll through %s: %s requests in %s s; RSS growth under load %.1f KiB per long-poll; PSS at peak %.1f MiB%s\n' \
+        "$p" "${LP_REQS[$p]}" "$LP_DURATION" \
+        "$(awk -v a="${LP_PEAK[$p]}" -v b="${LP_IDLE[$p]}" -v n="$LP_CONNS" 'BEGIN{print (a-b)/n}')" \
+        "$(awk -v k="${LP_PSS[$p]}" 'BEGIN{print k/1024}')" \
+        "${LP_ERRS[$p]:+; **errors**: ${LP_ERRS[$p]}}"
 done
+echo "- RSS is VmRSS summed over the proxy's processes (nginx: master + worker, which counts their shared pages twice); PSS splits shared pages."
 if [[ -s $TMP/switchyard.log || -s $TMP/switchyard-lp.log ]]; then
     echo "- switchyard logged (RUST_LOG=warn):"
     cat "$TMP/switchyard.log" "$TMP/switchyard-lp.log" 2>/dev/null | head -20 | sed 's/^/    /'
