@@ -53,3 +53,53 @@ fn a_missing_config_is_a_clear_error() {
     assert_eq!(code, 1);
     assert!(err.contains("cannot read the file"), "{err}");
 }
+
+/// The real binary, as an operator starts it: serves traffic, logs JSON lines to stderr,
+/// and exits 0 on SIGTERM.
+#[tokio::test]
+async fn run_serves_logs_json_and_stops_on_sigterm() {
+    use crate::support::*;
+    let blue = TestServer::named("blue").await;
+    let port = dead_addr().await.port();
+    let dir = std::env::temp_dir().join(format!("switchyard-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("switchyard.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[listen]\nhttp = \"127.0.0.1:{port}\"\n{}[[routes]]\nname = \"r\"\nsplit = {{ blue = 100 }}\n",
+            backend("blue", &[&blue])
+        ),
+    )
+    .expect("write");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["run", "-c", file.to_str().expect("utf-8")])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    let url = format!("http://127.0.0.1:{port}/");
+    let client = client();
+    let mut answer = None;
+    for _ in 0..200 {
+        if let Ok(a) = fetch(&client, get(&url)).await {
+            answer = Some(a);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let (status, _, body) = answer.expect("switchyard answers within 5 s");
+    assert_eq!((status.as_u16(), body.as_str()), (200, "blue"));
+
+    let pid = child.id().expect("pid").to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+    let out = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("exits within 10 s")
+        .expect("output");
+    assert_eq!(out.status.code(), Some(0));
+    let log = String::from_utf8_lossy(&out.stderr);
+    let first = log.lines().next().expect("a log line");
+    assert!(first.starts_with('{') && first.contains("\"switchyard is serving\""), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

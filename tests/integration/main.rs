@@ -5,6 +5,7 @@
 mod cli;
 mod errors;
 mod headers;
+mod layout;
 mod routing;
 mod streaming;
 mod support;
