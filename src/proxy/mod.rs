@@ -242,7 +242,13 @@ async fn forward(
     let mut connect_retried = false;
     loop {
         let in_flight = server.start_request();
-        let (mut sender, pooled) = match server.pool.take() {
+        let mut pooled = server.pool.take();
+        if let Some(sender) = &mut pooled {
+            if !upstream::ready(sender, limits.connect_timeout).await {
+                pooled = None;
+            }
+        }
+        let (mut sender, pooled) = match pooled {
             Some(sender) => (sender, true),
             None => match upstream::connect(server.addr, limits.connect_timeout).await {
                 Ok(sender) => (sender, false),

@@ -45,12 +45,14 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// An idle connection that can take a request now, if there is one. Closed ones are
-    /// dropped on the way.
+    /// An idle connection, if there is one that is still open; closed ones are dropped on
+    /// the way. It may not be ready *yet*: a connection goes back to the pool as soon as
+    /// the client has read the response's end, a moment before hyper's connection task
+    /// has noticed. [`ready`] waits for that moment.
     pub fn take(&self) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(sender) = idle.pop() {
-            if sender.is_ready() {
+            if !sender.is_closed() {
                 return Some(sender);
             }
         }
@@ -77,6 +79,16 @@ impl Pool {
     pub fn idle_count(&self) -> usize {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
+}
+
+/// Waits until a pooled connection can take a request: at once nearly always, else the
+/// moment its connection task catches up. `false` if it closed instead, or did not become
+/// ready within `limit` (it is then dropped, which closes it).
+pub async fn ready(sender: &mut Sender, limit: Duration) -> bool {
+    if sender.is_ready() {
+        return true;
+    }
+    matches!(tokio::time::timeout(limit, sender.ready()).await, Ok(Ok(())))
 }
 
 /// Opens a new HTTP/1.1 connection to `addr`. The connection's own task runs until the
