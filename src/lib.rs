@@ -12,8 +12,10 @@
 //! The hot path holds a [`routes::TableReader`], which cannot store; only the control path
 //! holds the [`routes::TableWriter`].
 
+pub mod admin;
 pub mod app;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod proxy;
 pub mod routes;

@@ -35,6 +35,22 @@ enum Command {
         #[arg(short, long, default_value = "config/switchyard.toml")]
         config: PathBuf,
     },
+    /// Talk to a running switchyard over its admin socket.
+    Ctl {
+        /// The admin socket; default: the config's `admin.socket` with -c, else run/switchyard.sock.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Read the socket path from this config.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Print the raw JSON answer.
+        #[arg(long)]
+        json: bool,
+        /// The verb and its words: status [ROUTE] | set-weights ROUTE BACKEND=PCT... |
+        /// rollback ROUTE [REASON] | reload | events [N]
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        words: Vec<String>,
+    },
     /// Show the whole job on this machine: example agents, the proxy, traffic.
     Demo,
 }
@@ -47,6 +63,7 @@ fn main() -> ExitCode {
             init_logging(cli.log_format, "info");
             report(run(&config))
         }
+        Command::Ctl { socket, config, json, words } => ctl(socket, config, json, &words),
         Command::Demo => {
             init_logging(LogFormat::Text, "warn");
             report(demo())
@@ -111,7 +128,7 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
     }
     let config = checked.config;
     runtime(config.runtime.worker_threads)?.block_on(async move {
-        let running = switchyard::app::start(config).await?;
+        let running = switchyard::app::start(config, Some(path.to_path_buf())).await?;
         wait_for_signal().await?;
         running.shutdown().await;
         Ok(())
@@ -127,6 +144,37 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = int.recv() => tracing::info!("SIGINT: stopping"),
     }
     Ok(())
+}
+
+fn ctl(socket: Option<PathBuf>, config: Option<PathBuf>, json: bool, words: &[String]) -> ExitCode {
+    let socket = match (socket, config) {
+        (Some(socket), _) => socket,
+        (None, Some(config)) => match switchyard::config::load(&config) {
+            Ok(checked) => checked.config.admin.socket,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        (None, None) => PathBuf::from("run/switchyard.sock"),
+    };
+    let answer = match runtime(1).and_then(|rt| Ok(rt.block_on(switchyard::admin::ctl::request(&socket, words))?)) {
+        Ok(answer) => answer,
+        Err(e) => {
+            eprintln!("switchyard ctl: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        println!("{answer}");
+    } else {
+        print!("{}", switchyard::admin::ctl::render(&words[0], &answer));
+    }
+    if switchyard::admin::is_ok(&answer) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn demo() -> anyhow::Result<()> {

@@ -58,8 +58,9 @@ struct Conversation {
 pub async fn run(out: &mut impl Write) -> Result<(), DemoError> {
     let stable = Agent::start(STABLE).await.map_err(DemoError::Agent)?;
     let canary = Agent::start(CANARY).await.map_err(DemoError::Agent)?;
-    let config = crate::config::parse(&demo_config(stable.addr, canary.addr), "demo")?.config;
-    let proxy = crate::app::start(config).await?;
+    let run_dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
+    let config = crate::config::parse(&demo_config(stable.addr, canary.addr, &run_dir), "demo")?.config;
+    let proxy = crate::app::start(config, None).await?;
     let addr = proxy.http_addr().ok_or(crate::app::StartError::NoListener)?;
 
     let say = |out: &mut dyn Write, line: String| writeln!(out, "{line}").map_err(DemoError::Output);
@@ -79,6 +80,7 @@ pub async fn run(out: &mut impl Write) -> Result<(), DemoError> {
         conversations.push(task.await.unwrap_or_else(|_| Conversation { failures: 1, ..Default::default() }));
     }
     proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&run_dir);
 
     let mut by_version: BTreeMap<String, (usize, u64, u64)> = BTreeMap::new();
     for c in &conversations {
@@ -115,11 +117,16 @@ pub async fn run(out: &mut impl Write) -> Result<(), DemoError> {
     Ok(())
 }
 
-fn demo_config(stable: SocketAddr, canary: SocketAddr) -> String {
+fn demo_config(stable: SocketAddr, canary: SocketAddr, run_dir: &std::path::Path) -> String {
+    let run = run_dir.display();
     format!(
         r#"
 [listen]
 http = "127.0.0.1:0"
+
+[admin]
+socket = "{run}/switchyard.sock"
+state_dir = "{run}/state"
 
 [defaults]
 request_timeout = "10s"

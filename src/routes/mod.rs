@@ -214,6 +214,11 @@ impl Route {
         self.split.pick_usable(bucket, |b| table.backends[b].has_server_in_rotation()).map(|b| &table.backends[b])
     }
 
+    /// Indexes of every backend this route may send to, including those at 0 %.
+    pub fn members(&self) -> &[usize] {
+        &self.members
+    }
+
     pub fn path_prefix(&self) -> &str {
         &self.path_prefix
     }

@@ -150,17 +150,66 @@ pub async fn dead_addr() -> SocketAddr {
 pub struct TestProxy {
     pub running: switchyard::app::Running,
     pub addr: SocketAddr,
+    pub dir: TempDir,
+}
+
+/// A test config completed with a listener on a free port and an `[admin]` table in `dir`.
+pub fn full_config(dir: &TempDir, config: &str) -> String {
+    format!("[listen]\nhttp = \"127.0.0.1:0\"\n{}{config}", dir.admin_section())
+}
+
+/// A directory of its own for one test, removed when dropped.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("sy-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+
+    /// An `[admin]` table putting the socket and the state in this directory.
+    pub fn admin_section(&self) -> String {
+        format!(
+            "[admin]\nsocket = \"{}\"\nstate_dir = \"{}\"\n",
+            self.path("admin.sock").display(),
+            self.path("state").display()
+        )
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl TestProxy {
-    /// Starts switchyard with `config` (TOML); `[listen]` is added, on a free port.
+    /// Starts switchyard with `config` (TOML); `[listen]` on a free port and `[admin]` in a
+    /// fresh temporary directory are added.
     pub async fn start(config: &str) -> TestProxy {
-        let text = format!("[listen]\nhttp = \"127.0.0.1:0\"\n{config}");
+        Self::start_in(TempDir::new(), config, None).await
+    }
+
+    /// Starts switchyard in `dir` (its admin socket and state live there); with a
+    /// `config_path`, the config is also written there and watched.
+    pub async fn start_in(dir: TempDir, config: &str, config_path: Option<std::path::PathBuf>) -> TestProxy {
+        let text = full_config(&dir, config);
+        if let Some(path) = &config_path {
+            std::fs::write(path, &text).expect("write the config");
+        }
         let checked =
             switchyard::config::parse(&text, "test").unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{text}"));
-        let running = switchyard::app::start(checked.config).await.expect("switchyard starts");
+        let running = switchyard::app::start(checked.config, config_path).await.expect("switchyard starts");
         let addr = running.http_addr().expect("a listener");
-        TestProxy { running, addr }
+        TestProxy { running, addr, dir }
     }
 
     pub fn url(&self, path: &str) -> String {

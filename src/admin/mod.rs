@@ -1,0 +1,209 @@
+//! The admin socket: one line of text per request (the `ctl` verb and its words), one line
+//! of JSON per answer. Works with no client at all:
+//!
+//! ```text
+//! echo "status" | socat - UNIX-CONNECT:run/switchyard.sock
+//! ```
+//!
+//! This module parses and answers; every change goes to the control path as a
+//! [`Command`], which answers once the change is in force.
+
+pub mod ctl;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{BasisPoints, ALL};
+use crate::control::{failure, Actor, Command, Handle};
+
+/// A request line longer than this is refused and the client cut off.
+pub const MAX_LINE: usize = 4096;
+/// A client must finish its line within this.
+const LINE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("admin socket {0} is in use by a running switchyard; stop it first or set admin.socket to another path")]
+    InUse(PathBuf),
+    #[error("cannot create admin socket {path}: {source}")]
+    Bind { path: PathBuf, source: std::io::Error },
+}
+
+/// Binds the admin socket at `path` with `mode`. A socket file left by a crashed run is
+/// replaced; one a live process answers on is not stolen. The socket is created under a
+/// temporary name, given its mode, then renamed into place, so it is never reachable with
+/// looser permissions.
+pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, AdminError> {
+    let err = |source| AdminError::Bind { path: path.to_path_buf(), source };
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(AdminError::InUse(path.to_path_buf()));
+        }
+        tracing::warn!(path = %path.display(), "replacing a stale admin socket left by an earlier run");
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(err)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)?;
+    Ok(listener)
+}
+
+/// Serves admin clients until `shutdown`, then removes the socket file.
+pub async fn serve(listener: UnixListener, path: PathBuf, control: Handle, shutdown: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    continue;
+                }
+            },
+        };
+        tokio::spawn(client(stream, control.clone()));
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+async fn client(stream: UnixStream, control: Handle) {
+    let actor = match stream.peer_cred() {
+        Ok(cred) => Actor::Socket { uid: cred.uid(), pid: cred.pid() },
+        Err(_) => Actor::Socket { uid: u32::MAX, pid: None },
+    };
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    let mut line = Vec::with_capacity(128);
+    loop {
+        line.clear();
+        let read =
+            tokio::time::timeout(LINE_TIMEOUT, (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line))
+                .await;
+        let answer = match read {
+            Ok(Ok(0)) => return,
+            Ok(Ok(_)) if line.len() > MAX_LINE => Some(failure(&format!("request line longer than {MAX_LINE} bytes"))),
+            Ok(Ok(_)) => None,
+            Ok(Err(_)) => return,
+            Err(_) => Some(failure(&format!("no complete request line within {LINE_TIMEOUT:?}"))),
+        };
+        let (answer, cut_off) = match answer {
+            Some(refusal) => (refusal, true),
+            None => match std::str::from_utf8(&line) {
+                Ok(text) if text.trim().is_empty() => continue,
+                Ok(text) => match parse(text) {
+                    Ok(command) => (control.send(command, actor.clone()).await, false),
+                    Err(e) => (failure(&e), false),
+                },
+                Err(_) => (failure("the request line is not UTF-8"), false),
+            },
+        };
+        let mut out = answer.to_string().into_bytes();
+        out.push(b'\n');
+        if write.write_all(&out).await.is_err() || cut_off {
+            return;
+        }
+    }
+}
+
+const USAGE: &str =
+    "verbs: status [ROUTE] | set-weights ROUTE BACKEND=PCT... | rollback ROUTE [REASON] | reload | events [N]";
+
+/// Parses a request line: the `ctl` verb and its words.
+pub fn parse(line: &str) -> Result<Command, String> {
+    let mut words = line.split_whitespace();
+    let verb = words.next().ok_or_else(|| format!("empty request; {USAGE}"))?;
+    let rest: Vec<&str> = words.collect();
+    let route = |what: &str| rest.first().map(|r| r.to_string()).ok_or_else(|| format!("{what} needs a ROUTE"));
+    match verb {
+        "status" if rest.len() <= 1 => Ok(Command::Status { route: rest.first().map(|r| r.to_string()) }),
+        "set-weights" => {
+            let route = route("set-weights")?;
+            let split = rest[1..].iter().map(|w| share(w)).collect::<Result<Vec<_>, _>>()?;
+            if split.is_empty() {
+                return Err(
+                    "set-weights needs BACKEND=PERCENT for each backend, e.g. set-weights agent blue=90 green=10"
+                        .into(),
+                );
+            }
+            Ok(Command::SetWeights { route, split })
+        }
+        "rollback" => {
+            let route = route("rollback")?;
+            let reason = (rest.len() > 1).then(|| rest[1..].join(" "));
+            Ok(Command::Rollback { route, reason })
+        }
+        "reload" if rest.is_empty() => Ok(Command::Reload),
+        "events" if rest.len() <= 1 => {
+            let last = match rest.first() {
+                None => 20,
+                Some(n) => n.parse().map_err(|_| format!("events takes a count, not {n:?}"))?,
+            };
+            Ok(Command::Events { last })
+        }
+        "status" | "reload" | "events" => Err(format!("too many arguments to {verb}; {USAGE}")),
+        other => Err(format!("unknown verb {other:?}; {USAGE}")),
+    }
+}
+
+/// `blue=90` or `green=0.05` → (backend, basis points).
+fn share(word: &str) -> Result<(String, BasisPoints), String> {
+    let (backend, pct) = word.split_once('=').ok_or_else(|| format!("{word:?} is not BACKEND=PERCENT"))?;
+    let value: f64 = pct.parse().map_err(|_| format!("{pct:?} is not a percentage"))?;
+    let bps = (value * 100.0).round();
+    if !(0.0..=100.0).contains(&value) || (value * 100.0 - bps).abs() > 1e-6 {
+        return Err(format!("{pct:?} is not a percentage from 0 to 100 with at most two decimals"));
+    }
+    if backend.is_empty() {
+        return Err(format!("{word:?} names no backend"));
+    }
+    Ok((backend.to_string(), (bps as BasisPoints).min(ALL)))
+}
+
+/// Whether an answer says `ok`.
+pub fn is_ok(answer: &Value) -> bool {
+    answer.get("ok").and_then(Value::as_bool) == Some(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_parse_into_commands() {
+        assert_eq!(parse("status"), Ok(Command::Status { route: None }));
+        assert_eq!(parse("status agent\n"), Ok(Command::Status { route: Some("agent".into()) }));
+        assert_eq!(
+            parse("set-weights agent blue=99.95 green=0.05"),
+            Ok(Command::SetWeights { route: "agent".into(), split: vec![("blue".into(), 9995), ("green".into(), 5)] })
+        );
+        assert_eq!(
+            parse("rollback agent p99 too high"),
+            Ok(Command::Rollback { route: "agent".into(), reason: Some("p99 too high".into()) })
+        );
+        assert_eq!(parse("events 5"), Ok(Command::Events { last: 5 }));
+        assert_eq!(parse("reload"), Ok(Command::Reload));
+    }
+
+    #[test]
+    fn bad_lines_say_what_is_wrong() {
+        assert!(parse("explode").expect_err("refused").contains("unknown verb \"explode\""));
+        assert!(parse("set-weights agent blue").expect_err("refused").contains("not BACKEND=PERCENT"));
+        assert!(parse("set-weights agent blue=101").expect_err("refused").contains("from 0 to 100"));
+        assert!(parse("set-weights agent blue=0.001").expect_err("refused").contains("two decimals"));
+        assert!(parse("set-weights agent").expect_err("refused").contains("needs BACKEND=PERCENT"));
+        assert!(parse("rollback").expect_err("refused").contains("needs a ROUTE"));
+        assert!(parse("events many").expect_err("refused").contains("takes a count"));
+        assert!(parse("").expect_err("refused").contains("empty request"));
+    }
+}

@@ -1,0 +1,149 @@
+//! The event log: every change, from whoever made it, as one JSON line appended to
+//! `state_dir/events.jsonl` and logged. The most recent entries are also kept in memory
+//! for `events N`, and reloaded from the file at start so they survive restarts.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Entries `events N` can return.
+const KEPT: usize = 1000;
+
+/// Who made a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Actor {
+    /// A client of the admin socket, by its kernel-reported credentials.
+    Socket { uid: u32, pid: Option<i32> },
+    /// The config file changed on disk.
+    Config,
+    /// SIGHUP.
+    Signal,
+    /// The rollout engine.
+    Rollout,
+    /// switchyard itself (start-up, state recovery).
+    Switchyard,
+}
+
+impl fmt::Display for Actor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Actor::Socket { uid, pid: Some(pid) } => write!(f, "socket uid={uid} pid={pid}"),
+            Actor::Socket { uid, pid: None } => write!(f, "socket uid={uid}"),
+            Actor::Config => f.write_str("config"),
+            Actor::Signal => f.write_str("signal"),
+            Actor::Rollout => f.write_str("rollout"),
+            Actor::Switchyard => f.write_str("switchyard"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub actor: String,
+    pub action: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub before: Value,
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub after: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The table generation in force after the change.
+    pub generation: u64,
+}
+
+impl Event {
+    pub fn new(actor: &Actor, action: &str, generation: u64) -> Self {
+        Event {
+            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            actor: actor.to_string(),
+            action: action.to_string(),
+            route: None,
+            before: Value::Null,
+            after: Value::Null,
+            reason: None,
+            generation,
+        }
+    }
+
+    pub fn route(mut self, route: &str) -> Self {
+        self.route = Some(route.to_string());
+        self
+    }
+
+    pub fn change(mut self, before: Value, after: Value) -> Self {
+        self.before = before;
+        self.after = after;
+        self
+    }
+
+    pub fn reason(mut self, reason: impl Into<String>) -> Self {
+        self.reason = Some(reason.into());
+        self
+    }
+}
+
+#[derive(Debug)]
+pub struct EventLog {
+    path: PathBuf,
+    recent: VecDeque<Event>,
+}
+
+impl EventLog {
+    /// Opens the log in `state_dir`, reading back its last entries.
+    pub fn open(state_dir: &Path) -> Self {
+        let path = state_dir.join("events.jsonl");
+        let mut recent = VecDeque::with_capacity(KEPT);
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            for line in text.lines().rev().take(KEPT) {
+                if let Ok(event) = serde_json::from_str(line) {
+                    recent.push_front(event);
+                }
+            }
+        }
+        EventLog { path, recent }
+    }
+
+    /// Records an event: logged, appended to the file, kept for `events N`. A write
+    /// failure is logged and does not stop the change, which is already in force.
+    pub fn record(&mut self, event: Event) {
+        tracing::info!(
+            actor = %event.actor,
+            action = %event.action,
+            route = event.route.as_deref().unwrap_or(""),
+            before = %event.before,
+            after = %event.after,
+            reason = event.reason.as_deref().unwrap_or(""),
+            generation = event.generation,
+            "event"
+        );
+        if let Err(e) = self.append(&event) {
+            tracing::error!(path = %self.path.display(), error = %e, "cannot append to the event log");
+        }
+        if self.recent.len() == KEPT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(event);
+    }
+
+    fn append(&self, event: &Event) -> std::io::Result<()> {
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut line = serde_json::to_vec(event)?;
+        line.push(b'\n');
+        std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?.write_all(&line)
+    }
+
+    /// The last `n` events, oldest first.
+    pub fn last(&self, n: usize) -> Vec<Event> {
+        self.recent.iter().skip(self.recent.len().saturating_sub(n)).cloned().collect()
+    }
+}

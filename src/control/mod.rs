@@ -1,0 +1,466 @@
+//! The control path: the single writer of the route table.
+//!
+//! ```text
+//! config file (notify) ─┐
+//! SIGHUP ───────────────┼─► Command channel ─► Control::apply → build Table → store
+//! admin socket ─────────┘                        → persist state → record event → answer
+//! ```
+//!
+//! Every change goes through [`Control::apply`], one at a time, so changes never race.
+//! `apply` is plain data in and out (a [`Command`] and an [`Actor`] in, a JSON answer out),
+//! which tests drive without sockets. A command that changes anything answers only once
+//! the new table is stored, with its generation: the next request sees it.
+
+pub mod events;
+pub mod state;
+pub mod watch;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde_json::{json, Map, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{self, BasisPoints, Config, Listen, ALL};
+use crate::routes::{Servers, Table, TableReader, TableWriter};
+pub use events::{Actor, Event, EventLog};
+use state::{Loaded, Shares, State, StateFile};
+
+/// Everything that can be asked of the control path: the one vocabulary of the admin
+/// socket, the config watcher, signals and (later) the rollout engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Status { route: Option<String> },
+    SetWeights { route: String, split: Shares },
+    Rollback { route: String, reason: Option<String> },
+    Reload,
+    Events { last: usize },
+}
+
+/// Binds and closes the proxy's listeners when the config's addresses change. Provided by
+/// the composition root, so that this module needs nothing of the proxy.
+pub trait Listeners: Send {
+    /// Makes the listeners match `listen`: binds new addresses first, then closes those no
+    /// longer wanted. An error leaves the old listeners as they were.
+    fn update(&mut self, listen: &Listen) -> Result<(), String>;
+}
+
+/// A way to send commands to the running control task.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    tx: mpsc::Sender<(Command, Actor, oneshot::Sender<Value>)>,
+}
+
+impl Handle {
+    /// Sends a command and waits for its answer (`{"ok":...}`).
+    pub async fn send(&self, command: Command, actor: Actor) -> Value {
+        let (reply, answer) = oneshot::channel();
+        if self.tx.send((command, actor, reply)).await.is_err() {
+            return failure("switchyard is shutting down");
+        }
+        answer.await.unwrap_or_else(|_| failure("switchyard is shutting down"))
+    }
+}
+
+/// The single writer.
+pub struct Control {
+    config_path: Option<PathBuf>,
+    /// The config as the file says it.
+    base: Config,
+    state: State,
+    state_file: StateFile,
+    events: EventLog,
+    servers: Servers,
+    table: TableWriter,
+    generation: u64,
+    /// None until [`spawn`](Self::spawn): then listen changes take effect.
+    listeners: Option<Box<dyn Listeners>>,
+    last_reload_error: Option<String>,
+    reloads: Reloads,
+}
+
+/// Reloads counted since start.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Reloads {
+    pub ok: u64,
+    pub refused: u64,
+}
+
+impl Control {
+    /// Builds the first table from `base` and the persisted state in its `state_dir`.
+    pub fn new(base: Config, config_path: Option<PathBuf>) -> Control {
+        let state_file = StateFile::new(&base.admin.state_dir);
+        let mut events = EventLog::open(&base.admin.state_dir);
+        let state = match state_file.load() {
+            Loaded::Fresh => State::default(),
+            Loaded::Restored(state) => state,
+            Loaded::Corrupt { reason, moved_to } => {
+                tracing::warn!(path = %state_file.path().display(), %reason, moved_to = %moved_to.display(), "state file unusable; moved aside, using the config's state");
+                events.record(Event::new(&Actor::Switchyard, "state-reset", 1).reason(format!(
+                    "{} {reason}; moved to {}",
+                    state_file.path().display(),
+                    moved_to.display()
+                )));
+                State::default()
+            }
+        };
+        let mut servers = Servers::default();
+        let mut control = Control {
+            config_path,
+            state,
+            state_file,
+            events,
+            table: TableWriter::new(Table::build(&base, &mut servers, 1)),
+            base,
+            servers,
+            generation: 1,
+            listeners: None,
+            last_reload_error: None,
+            reloads: Reloads::default(),
+        };
+        control.reconcile(&control.base.clone());
+        let restored: Vec<String> =
+            control.state.routes.iter().filter(|(_, r)| r.split.is_some()).map(|(n, _)| n.clone()).collect();
+        if !restored.is_empty() {
+            tracing::info!(routes = ?restored, "restored live splits from the state file");
+        }
+        control.swap();
+        control
+    }
+
+    /// The hot path's read-only handle.
+    pub fn reader(&self) -> TableReader {
+        self.table.reader()
+    }
+
+    /// Runs the control task until every [`Handle`] is dropped; from then on `listeners`
+    /// follow the config's addresses.
+    pub fn spawn(mut self, listeners: Box<dyn Listeners>) -> Handle {
+        self.listeners = Some(listeners);
+        let (tx, mut rx) = mpsc::channel::<(Command, Actor, oneshot::Sender<Value>)>(64);
+        tokio::spawn(async move {
+            while let Some((command, actor, reply)) = rx.recv().await {
+                let answer = self.apply(command, actor);
+                let _ = reply.send(answer);
+            }
+        });
+        Handle { tx }
+    }
+
+    /// Carries out one command. Never panics on bad input: a refusal is an answer.
+    pub fn apply(&mut self, command: Command, actor: Actor) -> Value {
+        match command {
+            Command::Status { route } => self.status(route.as_deref()),
+            Command::Events { last } => json!({ "ok": true, "events": self.events.last(last) }),
+            Command::SetWeights { route, split } => self.set_weights(&route, split, &actor),
+            Command::Rollback { route, reason } => self.rollback(&route, reason, &actor),
+            Command::Reload => self.reload(&actor),
+        }
+    }
+
+    /// The config in force: the file's, with the live splits applied.
+    fn effective(&self) -> Config {
+        let mut config = self.base.clone();
+        for route in &mut config.routes {
+            if let Some(split) = self.state.routes.get(&route.name).and_then(|r| r.split.clone()) {
+                route.split = split;
+            }
+        }
+        config
+    }
+
+    fn split_of(&self, route: &str) -> Option<Shares> {
+        let file = &self.base.routes.iter().find(|r| r.name == route)?.split;
+        Some(self.state.routes.get(route).and_then(|r| r.split.clone()).unwrap_or_else(|| file.clone()))
+    }
+
+    /// Drops live splits the file has overtaken: the route or a backend is gone, or the
+    /// file's split for the route was edited since the override was made.
+    fn reconcile(&mut self, base: &Config) {
+        self.state.routes.retain(|name, route| {
+            let Some(spec) = base.routes.iter().find(|r| &r.name == name) else { return false };
+            let edited = route.file_split.as_ref().is_some_and(|f| *f != spec.split);
+            let unknown = route.split.iter().flatten().any(|(b, _)| base.backend(b).is_none());
+            if edited || unknown {
+                tracing::info!(route = %name, "the config file's split replaces the live split");
+                route.split = None;
+                route.file_split = None;
+            }
+            if route.previous.as_ref().is_some_and(|p| p.iter().any(|(b, _)| base.backend(b).is_none())) {
+                route.previous = None;
+            }
+            route.split.is_some() || route.previous.is_some()
+        });
+    }
+
+    /// Builds and stores a new table from the effective config; returns its generation.
+    fn swap(&mut self) -> u64 {
+        self.generation += 1;
+        let table = Table::build(&self.effective(), &mut self.servers, self.generation);
+        self.table.store(table);
+        self.servers.retain_in(&self.table.current());
+        self.generation
+    }
+
+    fn persist(&mut self) {
+        if let Err(e) = self.state_file.save(&self.state) {
+            tracing::error!(error = %e, "cannot persist the runtime state; the change is in force but will not survive a restart");
+        }
+    }
+
+    /// Sets a route's live split, remembering the one before for `rollback`.
+    fn change_split(&mut self, route: &str, split: Shares) {
+        let before = self.split_of(route);
+        let file = self.base.routes.iter().find(|r| r.name == route).map(|r| r.split.clone());
+        let entry = self.state.routes.entry(route.to_string()).or_default();
+        entry.previous = before;
+        if Some(&split) == file.as_ref() {
+            entry.split = None;
+            entry.file_split = None;
+        } else {
+            entry.split = Some(split);
+            entry.file_split = file;
+        }
+    }
+
+    fn set_weights(&mut self, route: &str, split: Shares, actor: &Actor) -> Value {
+        if let Err(e) = self.check_split(route, &split) {
+            return failure(&e);
+        }
+        let before = self.split_of(route);
+        self.change_split(route, split.clone());
+        let generation = self.swap();
+        self.persist();
+        self.events.record(
+            Event::new(actor, "set-weights", generation)
+                .route(route)
+                .change(shares_json(before.as_deref()), shares_json(Some(&split))),
+        );
+        json!({ "ok": true, "generation": generation, "route": route, "split": shares_json(Some(&split)) })
+    }
+
+    fn check_split(&self, route: &str, split: &Shares) -> Result<(), String> {
+        if !self.base.routes.iter().any(|r| r.name == route) {
+            return Err(format!("no route named {route:?}"));
+        }
+        if split.is_empty() {
+            return Err("give at least one BACKEND=PERCENT".into());
+        }
+        let mut seen = Vec::new();
+        for (backend, _) in split {
+            if self.base.backend(backend).is_none() {
+                return Err(format!("no backend named {backend:?}"));
+            }
+            if seen.contains(&backend) {
+                return Err(format!("backend {backend:?} is named twice"));
+            }
+            seen.push(backend);
+        }
+        let total: BasisPoints = split.iter().map(|(_, w)| w).sum();
+        if total != ALL {
+            return Err(format!("shares sum to {} %, they must sum to 100", f64::from(total) / 100.0));
+        }
+        Ok(())
+    }
+
+    fn rollback(&mut self, route: &str, reason: Option<String>, actor: &Actor) -> Value {
+        let Some(spec) = self.base.routes.iter().find(|r| r.name == route) else {
+            return failure(&format!("no route named {route:?}"));
+        };
+        let target = match &spec.rollout {
+            // A rollout route: the canary (or the new side) to 0 %, stable to 100 %.
+            Some(rollout) => vec![(rollout.stable.clone(), ALL)],
+            None => match self.state.routes.get(route).and_then(|r| r.previous.clone()) {
+                Some(previous) => previous,
+                None => return failure(&format!("route {route:?} has no earlier split to roll back to")),
+            },
+        };
+        let before = self.split_of(route);
+        self.change_split(route, target.clone());
+        let generation = self.swap();
+        self.persist();
+        let reason = reason.unwrap_or_else(|| "operator rollback".into());
+        self.events.record(
+            Event::new(actor, "rollback", generation)
+                .route(route)
+                .change(shares_json(before.as_deref()), shares_json(Some(&target)))
+                .reason(reason),
+        );
+        json!({ "ok": true, "generation": generation, "route": route, "split": shares_json(Some(&target)) })
+    }
+
+    fn reload(&mut self, actor: &Actor) -> Value {
+        let Some(path) = self.config_path.clone() else {
+            return failure("switchyard was started without a config file; there is nothing to reload");
+        };
+        let checked = match config::load(&path) {
+            Ok(c) => c,
+            Err(errors) => {
+                let error = errors.to_string();
+                tracing::warn!(%actor, errors = %error, "config refused; the running config stays");
+                self.last_reload_error = Some(error.clone());
+                self.reloads.refused += 1;
+                self.events.record(Event::new(actor, "reload-refused", self.generation).reason(error.clone()));
+                return json!({ "ok": false, "error": error, "generation": self.generation });
+            }
+        };
+        let new = checked.config;
+        if config_eq(&new, &self.base) {
+            self.last_reload_error = None;
+            return json!({ "ok": true, "generation": self.generation, "changes": [] });
+        }
+        let changes = diff(&self.base, &new);
+        let old_splits: BTreeMap<String, Shares> =
+            self.base.routes.iter().filter_map(|r| Some((r.name.clone(), self.split_of(&r.name)?))).collect();
+        let (old_base, old_state) = (std::mem::replace(&mut self.base, new), self.state.clone());
+        self.reconcile(&self.base.clone());
+        let listen = self.effective().listen;
+        if let Err(e) = self.listeners.as_mut().map_or(Ok(()), |l| l.update(&listen)) {
+            self.base = old_base;
+            self.state = old_state;
+            let error = format!("{}: {e}", path.display());
+            self.last_reload_error = Some(error.clone());
+            self.reloads.refused += 1;
+            self.events.record(Event::new(actor, "reload-refused", self.generation).reason(error.clone()));
+            return json!({ "ok": false, "error": error, "generation": self.generation });
+        }
+        // A route whose split the reload changed can be rolled back to the split before.
+        for route in self.base.routes.clone() {
+            let now = self.split_of(&route.name);
+            if let Some(old) = old_splits.get(&route.name).filter(|old| Some(*old) != now.as_ref()) {
+                self.state.routes.entry(route.name.clone()).or_default().previous = Some(old.clone());
+            }
+        }
+        let generation = self.swap();
+        self.persist();
+        self.last_reload_error = None;
+        self.reloads.ok += 1;
+        self.events.record(Event::new(actor, "reload", generation).change(Value::Null, json!(changes)));
+        json!({ "ok": true, "generation": generation, "changes": changes })
+    }
+
+    fn status(&self, only: Option<&str>) -> Value {
+        let table = self.table.current();
+        if let Some(name) = only {
+            if !table.routes.iter().any(|r| &*r.name == name) {
+                return failure(&format!("no route named {name:?}"));
+            }
+        }
+        let routes: Vec<Value> = table
+            .routes
+            .iter()
+            .filter(|r| only.is_none_or(|n| n == &*r.name))
+            .map(|route| {
+                let split = self.split_of(&route.name);
+                let backends: Vec<Value> = route
+                    .members()
+                    .iter()
+                    .map(|&b| {
+                        let backend = table.backend(b);
+                        let weight = split.iter().flatten().find(|(n, _)| *n == *backend.name).map_or(0, |(_, w)| *w);
+                        let servers: Vec<Value> = backend
+                            .servers
+                            .iter()
+                            .map(|s| json!({ "addr": &*s.label, "in_rotation": s.in_rotation(), "in_flight": s.in_flight() }))
+                            .collect();
+                        json!({ "name": &*backend.name, "version": backend.version.as_deref(), "weight": percent(weight), "servers": servers })
+                    })
+                    .collect();
+                let live = self.state.routes.get(&*route.name).is_some_and(|r| r.split.is_some());
+                json!({ "name": &*route.name, "split": shares_json(split.as_deref()), "split_source": if live { "live" } else { "config" }, "backends": backends })
+            })
+            .collect();
+        json!({
+            "ok": true,
+            "generation": table.generation,
+            "config": self.config_path.as_ref().map(|p| p.display().to_string()),
+            "last_reload_error": self.last_reload_error,
+            "reloads": self.reloads,
+            "routes": routes,
+        })
+    }
+}
+
+/// `{"ok": false, "error": ...}`
+pub fn failure(error: &str) -> Value {
+    json!({ "ok": false, "error": error })
+}
+
+fn percent(bps: BasisPoints) -> f64 {
+    f64::from(bps) / 100.0
+}
+
+/// A split as JSON: `{"blue": 90.0, "green": 10.0}` in bucket order.
+fn shares_json(shares: Option<&[(String, BasisPoints)]>) -> Value {
+    match shares {
+        None => Value::Null,
+        Some(s) => {
+            Value::Object(s.iter().map(|(b, w)| (b.clone(), json!(percent(*w)))).collect::<Map<String, Value>>())
+        }
+    }
+}
+
+fn config_eq(a: &Config, b: &Config) -> bool {
+    a.listen == b.listen
+        && a.runtime == b.runtime
+        && a.admin == b.admin
+        && a.defaults == b.defaults
+        && a.backends == b.backends
+        && a.routes == b.routes
+}
+
+/// What a reload changes, in words an operator reads in an event.
+pub fn diff(old: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    if old.listen != new.listen {
+        out.push(format!("listen: {:?} -> {:?}", old.listen.http, new.listen.http));
+    }
+    if old.defaults != new.defaults {
+        out.push("defaults changed".into());
+    }
+    if old.runtime != new.runtime {
+        out.push("runtime changed (takes effect at the next start)".into());
+    }
+    if old.admin != new.admin {
+        out.push("admin changed (takes effect at the next start)".into());
+    }
+    for (kind, old_names, new_names) in [
+        (
+            "backend",
+            old.backends.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(),
+            new.backends.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(),
+        ),
+        (
+            "route",
+            old.routes.iter().map(|r| r.name.as_str()).collect(),
+            new.routes.iter().map(|r| r.name.as_str()).collect(),
+        ),
+    ] {
+        for name in &new_names {
+            if !old_names.contains(name) {
+                out.push(format!("{kind} {name} added"));
+            }
+        }
+        for name in &old_names {
+            if !new_names.contains(name) {
+                out.push(format!("{kind} {name} removed"));
+            }
+        }
+    }
+    for b in &new.backends {
+        if old.backend(&b.name).is_some_and(|o| o != b) {
+            out.push(format!("backend {} changed", b.name));
+        }
+    }
+    for r in &new.routes {
+        if old.routes.iter().find(|o| o.name == r.name).is_some_and(|o| o != r) {
+            out.push(format!("route {} changed", r.name));
+        }
+    }
+    if old.routes.iter().map(|r| &r.name).ne(new.routes.iter().map(|r| &r.name))
+        && out.iter().all(|c| !c.contains("route"))
+    {
+        out.push("routes reordered".into());
+    }
+    out
+}
