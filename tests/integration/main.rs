@@ -3,6 +3,7 @@
 //! it builds once.
 
 mod cli;
+mod control;
 mod errors;
 mod headers;
 mod layout;

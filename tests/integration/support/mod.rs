@@ -277,3 +277,59 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
     let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
     String::from_utf8_lossy(&answer).into_owned()
 }
+
+/// Continuous load from keep-alive clients, counting what failed. Stops when asked, or by
+/// itself after two minutes so that a broken test cannot loop forever.
+pub struct Load {
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl Load {
+    pub fn start(proxy: SocketAddr, clients: usize) -> Load {
+        let stop = CancellationToken::new();
+        let tasks = (0..clients)
+            .map(|_| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let client = client();
+                    let url = format!("http://{proxy}/load");
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+                    let (mut ok, mut failures) = (0u64, Vec::new());
+                    while !stop.is_cancelled() && tokio::time::Instant::now() < deadline {
+                        match fetch(&client, get(&url)).await {
+                            Ok((status, _, _)) if status.is_success() => ok += 1,
+                            Ok((status, _, body)) => failures.push(format!("{status}: {body}")),
+                            Err(e) => failures.push(e),
+                        }
+                    }
+                    (ok, failures)
+                })
+            })
+            .collect();
+        Load { stop, tasks }
+    }
+
+    /// Stops the clients: (requests that succeeded, every failure).
+    pub async fn stop(self) -> (u64, Vec<String>) {
+        self.stop.cancel();
+        let (mut ok, mut failures) = (0, Vec::new());
+        for task in self.tasks {
+            let (o, f) = task.await.expect("a load client");
+            ok += o;
+            failures.extend(f);
+        }
+        (ok, failures)
+    }
+}
+
+/// One admin request over the real socket.
+pub async fn admin(proxy: &TestProxy, line: &str) -> serde_json::Value {
+    let words: Vec<String> = line.split_whitespace().map(str::to_string).collect();
+    switchyard::admin::ctl::request(proxy.running.admin_socket(), &words).await.expect("the admin socket answers")
+}
+
+/// Which server answers a fresh request now.
+pub async fn probe(proxy: &TestProxy) -> String {
+    fetch(&client(), get(&proxy.url("/probe"))).await.expect("an answer").2
+}

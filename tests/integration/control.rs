@@ -1,0 +1,289 @@
+//! Steering a running switchyard: the admin socket, the watched config file, persisted
+//! state and the event log, under load, counting every failed request.
+
+use std::os::unix::fs::MetadataExt;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::*;
+
+fn blue_green(split: &str) -> impl Fn(&TestServer, &TestServer) -> String + '_ {
+    move |blue, green| {
+        format!(
+            "{}{}[[routes]]\nname = \"agent\"\nsplit = {{ {split} }}\n",
+            backend("blue", &[blue]),
+            backend("green", &[green])
+        )
+    }
+}
+
+fn generation(answer: &Value) -> u64 {
+    answer["generation"].as_u64().expect("a generation")
+}
+
+/// Writes a config the way editors do: in place, or a new file renamed over the old one.
+fn write_config(path: &std::path::Path, text: &str, rename_over: bool) {
+    if rename_over {
+        let tmp = path.with_extension("toml.new");
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(&tmp, path).expect("rename");
+    } else {
+        std::fs::write(path, text).expect("write");
+    }
+}
+
+/// Waits for the table generation to pass `after` (a reload took effect).
+async fn reloaded(proxy: &TestProxy, after: u64) -> u64 {
+    for _ in 0..400 {
+        let g = generation(&admin(proxy, "status").await);
+        if g > after {
+            return g;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no reload within 4 s after generation {after}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weight_changes_and_config_rewrites_under_load_lose_no_request() {
+    let blue = TestServer::named("blue").await;
+    let green = TestServer::named("green").await;
+    let dir = TempDir::new();
+    let path = dir.path("switchyard.toml");
+    let proxy =
+        TestProxy::start_in(TempDir::new(), &blue_green("blue = 50, green = 50")(&blue, &green), Some(path.clone()))
+            .await;
+    let load = Load::start(proxy.addr, 50);
+
+    let mut last = 0;
+    for i in 0..1000 {
+        let (line, expect) = if i % 2 == 0 {
+            ("set-weights agent blue=100 green=0", "blue")
+        } else {
+            ("set-weights agent blue=0 green=100", "green")
+        };
+        let answer = admin(&proxy, line).await;
+        assert_eq!(answer["ok"], true, "{answer}");
+        assert!(generation(&answer) > last, "generations rise");
+        last = generation(&answer);
+        assert_eq!(probe(&proxy).await, expect, "the request after change {i} did not follow it");
+    }
+
+    for i in 0..100 {
+        let (split, expect) =
+            if i % 2 == 0 { ("blue = 100, green = 0", "blue") } else { ("blue = 0, green = 100", "green") };
+        let text = full_config(&proxy.dir, &blue_green(split)(&blue, &green));
+        write_config(&path, &text, i % 2 == 1);
+        last = reloaded(&proxy, last).await;
+        // A reload may land on a half-written file and be refused, then the full one: wait
+        // for the split the file now says.
+        for _ in 0..400 {
+            if admin(&proxy, "status agent").await["routes"][0]["split"][expect] == 100.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(probe(&proxy).await, expect, "the request after rewrite {i} did not follow it");
+    }
+
+    let (ok, failures) = load.stop().await;
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed, e.g. {:?}",
+        failures.len(),
+        ok + failures.len() as u64,
+        &failures[..failures.len().min(3)]
+    );
+    assert!(ok > 1000, "the load ran ({ok} requests)");
+}
+
+#[tokio::test]
+async fn an_invalid_config_is_refused_and_the_old_split_keeps_serving() {
+    let blue = TestServer::named("blue").await;
+    let green = TestServer::named("green").await;
+    let dir = TempDir::new();
+    let path = dir.path("switchyard.toml");
+    let proxy =
+        TestProxy::start_in(TempDir::new(), &blue_green("blue = 100, green = 0")(&blue, &green), Some(path.clone()))
+            .await;
+    let load = Load::start(proxy.addr, 10);
+    let before = generation(&admin(&proxy, "status").await);
+
+    let broken =
+        std::fs::read_to_string(&path).expect("read").replace("blue = 100, green = 0", "blue = 100, green = 10");
+    write_config(&path, &broken, true);
+    let answer = admin(&proxy, "reload").await;
+    assert_eq!(answer["ok"], false);
+    let error = answer["error"].as_str().expect("an error");
+    assert!(error.contains("routes[0].split: shares sum to 110 %"), "{error}");
+
+    let status = admin(&proxy, "status").await;
+    assert_eq!(generation(&status), before, "nothing was swapped");
+    assert!(status["last_reload_error"].as_str().is_some_and(|e| e.contains("sum to 110")), "{status}");
+    assert!(status["reloads"]["refused"].as_u64() >= Some(1), "{status}");
+    for _ in 0..20 {
+        assert_eq!(probe(&proxy).await, "blue");
+    }
+    let (ok, failures) = load.stop().await;
+    assert!(failures.is_empty() && ok > 0, "{failures:?}");
+    assert_eq!(green.request_count(), 0);
+}
+
+#[tokio::test]
+async fn live_splits_survive_a_restart() {
+    let blue = TestServer::named("blue").await;
+    let green = TestServer::named("green").await;
+    let config = blue_green("blue = 100, green = 0")(&blue, &green);
+    let dir = TempDir::new();
+    let state_dir = dir.0.clone();
+    let proxy = TestProxy::start_in(dir, &config, None).await;
+    assert_eq!(admin(&proxy, "set-weights agent blue=0 green=100").await["ok"], true);
+    let TestProxy { running, dir, .. } = proxy;
+    running.shutdown().await;
+    assert!(state_dir.join("state").join("state.json").exists());
+
+    let again = TestProxy::start_in(dir, &config, None).await;
+    let status = admin(&again, "status agent").await;
+    assert_eq!(status["routes"][0]["split"]["green"], 100.0, "{status}");
+    assert_eq!(status["routes"][0]["split_source"], "live");
+    assert_eq!(probe(&again).await, "green");
+}
+
+#[tokio::test]
+async fn a_corrupt_state_file_is_moved_aside_and_the_config_serves() {
+    let blue = TestServer::named("blue").await;
+    let green = TestServer::named("green").await;
+    let dir = TempDir::new();
+    std::fs::create_dir_all(dir.path("state")).expect("state dir");
+    std::fs::write(dir.path("state").join("state.json"), "{ half a file").expect("write");
+    let proxy = TestProxy::start_in(dir, &blue_green("blue = 100, green = 0")(&blue, &green), None).await;
+    assert_eq!(probe(&proxy).await, "blue");
+    let kept: Vec<_> = std::fs::read_dir(proxy.dir.path("state"))
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(kept.iter().any(|n| n.starts_with("state.json.corrupt-")), "{kept:?}");
+    let events = admin(&proxy, "events 10").await;
+    assert!(events["events"].as_array().expect("events").iter().any(|e| e["action"] == "state-reset"), "{events}");
+}
+
+#[tokio::test]
+async fn a_stale_socket_is_replaced_and_a_live_one_is_not_stolen() {
+    let blue = TestServer::named("blue").await;
+    let green = TestServer::named("green").await;
+    let config = blue_green("blue = 100, green = 0")(&blue, &green);
+    let dir = TempDir::new();
+    // A socket file left behind by a crashed run: bound, then the listener gone.
+    drop(std::os::unix::net::UnixListener::bind(dir.path("admin.sock")).expect("bind"));
+    assert!(dir.path("admin.sock").exists());
+    let proxy = TestProxy::start_in(dir, &config, None).await;
+    assert_eq!(admin(&proxy, "status").await["ok"], true);
+    let mode = std::fs::metadata(proxy.running.admin_socket()).expect("socket").mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    let second = switchyard::config::parse(&full_config(&proxy.dir, &config), "second").expect("valid").config;
+    let refused =
+        switchyard::app::start(second, None).await.err().expect("a second switchyard must not take the socket");
+    assert!(refused.to_string().contains("in use by a running switchyard"), "{refused}");
+    assert_eq!(admin(&proxy, "status").await["ok"], true, "the first one still answers");
+}
+
+#[tokio::test]
+async fn events_name_their_actor() {
+    let blue = TestServer::named("blue").await;
+    let green = TestServer::named("green").await;
+    let dir = TempDir::new();
+    let path = dir.path("switchyard.toml");
+    let proxy =
+        TestProxy::start_in(TempDir::new(), &blue_green("blue = 100, green = 0")(&blue, &green), Some(path.clone()))
+            .await;
+    admin(&proxy, "set-weights agent blue=90 green=10").await;
+    let g = generation(&admin(&proxy, "status").await);
+    let edited =
+        std::fs::read_to_string(&path).expect("read").replace("blue = 100, green = 0", "blue = 80, green = 20");
+    write_config(&path, &edited, true);
+    reloaded(&proxy, g).await;
+    admin(&proxy, "rollback agent canary looked wrong").await;
+
+    let uid = std::fs::metadata(&proxy.dir.0).expect("our own dir").uid();
+    let me = format!("socket uid={uid} pid={}", std::process::id());
+    let events = admin(&proxy, "events 10").await;
+    let events = events["events"].as_array().expect("events").clone();
+    let by = |action: &str| {
+        events
+            .iter()
+            .find(|e| e["action"] == action)
+            .unwrap_or_else(|| panic!("no {action} event in {events:?}"))
+            .clone()
+    };
+    let set = by("set-weights");
+    assert_eq!(set["actor"], me.as_str());
+    assert_eq!(set["route"], "agent");
+    assert_eq!(set["before"]["blue"], 100.0);
+    assert_eq!(set["after"]["green"], 10.0);
+    assert_eq!(by("reload")["actor"], "config");
+    let rollback = by("rollback");
+    assert_eq!(rollback["actor"], me.as_str());
+    assert_eq!(rollback["reason"], "canary looked wrong");
+    assert_eq!(rollback["after"]["green"], 10.0, "rollback restores the split before the last change (the file edit)");
+
+    let log = std::fs::read_to_string(proxy.dir.path("state").join("events.jsonl")).expect("the event log");
+    assert_eq!(log.lines().count(), events.len());
+}
+
+#[tokio::test]
+async fn bad_requests_get_reasons_and_bad_clients_harm_no_one() {
+    let blue = TestServer::named("blue").await;
+    let green = TestServer::named("green").await;
+    let proxy = TestProxy::start(&blue_green("blue = 100, green = 0")(&blue, &green)).await;
+    for (line, expected) in [
+        ("launch", "unknown verb"),
+        ("set-weights ghost blue=100", "no route named \"ghost\""),
+        ("set-weights agent purple=100", "no backend named \"purple\""),
+        ("set-weights agent blue=60 green=30", "sum to 90 %"),
+        ("set-weights agent blue=abc", "not a percentage"),
+        ("rollback agent", "no earlier split"),
+        ("reload", "without a config file"),
+    ] {
+        let answer = admin(&proxy, line).await;
+        assert_eq!(answer["ok"], false, "{line}: {answer}");
+        assert!(answer["error"].as_str().is_some_and(|e| e.contains(expected)), "{line}: {answer}");
+    }
+
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    // A client that never finishes its line, and one that sends far too much.
+    let mut dawdler = tokio::net::UnixStream::connect(proxy.running.admin_socket()).await.expect("connect");
+    dawdler.write_all(b"status ag").await.expect("write");
+    let mut flood = tokio::net::UnixStream::connect(proxy.running.admin_socket()).await.expect("connect");
+    let _ = flood.write_all(&vec![b'x'; 64 * 1024]).await;
+    let mut answer = String::new();
+    tokio::io::BufReader::new(&mut flood).read_line(&mut answer).await.expect("an answer");
+    assert!(answer.contains("longer than 4096 bytes"), "{answer}");
+    assert_eq!(admin(&proxy, "status").await["ok"], true, "others are served meanwhile");
+    drop(dawdler);
+}
+
+#[tokio::test]
+async fn a_new_listen_address_takes_effect_on_reload() {
+    let blue = TestServer::named("blue").await;
+    let green = TestServer::named("green").await;
+    let dir = TempDir::new();
+    let path = dir.path("switchyard.toml");
+    let proxy =
+        TestProxy::start_in(TempDir::new(), &blue_green("blue = 100, green = 0")(&blue, &green), Some(path.clone()))
+            .await;
+    let old = proxy.addr;
+    let new = dead_addr().await;
+    let text = std::fs::read_to_string(&path).expect("read").replace("127.0.0.1:0", &new.to_string());
+    std::fs::write(&path, text).expect("write");
+    let answer = admin(&proxy, "reload").await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(proxy.running.http_addr(), Some(new));
+    assert_eq!(fetch(&client(), get(&format!("http://{new}/"))).await.expect("the new address answers").2, "blue");
+    assert!(
+        eventually(Duration::from_secs(2), || std::net::TcpStream::connect(old).is_err()).await,
+        "the old listener closes"
+    );
+}
