@@ -149,10 +149,11 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 fn ctl(socket: Option<PathBuf>, config: Option<PathBuf>, json: bool, words: &[String]) -> ExitCode {
     let socket = match (socket, config) {
         (Some(socket), _) => socket,
-        (None, Some(config)) => match switchyard::config::load(&config) {
-            Ok(checked) => checked.config.admin.socket,
+        // Leniently: ctl is most needed when the config on disk was just refused.
+        (None, Some(config)) => match socket_from(&config) {
+            Ok(socket) => socket,
             Err(e) => {
-                eprintln!("{e}");
+                eprintln!("switchyard ctl: {}: {e}", config.display());
                 return ExitCode::FAILURE;
             }
         },
@@ -175,6 +176,15 @@ fn ctl(socket: Option<PathBuf>, config: Option<PathBuf>, json: bool, words: &[St
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// `admin.socket` from a config file, read without validating the rest.
+fn socket_from(config: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let text = std::fs::read_to_string(config)?;
+    let table: toml::Table = toml::from_str(&text)?;
+    let socket =
+        table.get("admin").and_then(|a| a.get("socket")).and_then(|s| s.as_str()).unwrap_or("run/switchyard.sock");
+    Ok(PathBuf::from(socket))
 }
 
 fn demo() -> anyhow::Result<()> {

@@ -31,6 +31,8 @@ const LINE_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum AdminError {
     #[error("admin socket {0} is in use by a running switchyard; stop it first or set admin.socket to another path")]
     InUse(PathBuf),
+    #[error("admin.socket {0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
     #[error("cannot create admin socket {path}: {source}")]
     Bind { path: PathBuf, source: std::io::Error },
 }
@@ -41,7 +43,11 @@ pub enum AdminError {
 /// looser permissions.
 pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, AdminError> {
     let err = |source| AdminError::Bind { path: path.to_path_buf(), source };
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(AdminError::NotASocket(path.to_path_buf()));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(AdminError::InUse(path.to_path_buf()));
         }
@@ -67,7 +73,9 @@ pub async fn serve(listener: UnixListener, path: PathBuf, control: Handle, shutd
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
+                    // Out of descriptors or similar: back off rather than spin.
                     tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },

@@ -67,6 +67,7 @@ pub struct DefaultsFile {
     pub idle_timeout: Option<Located<String>>,
     pub header_read_timeout: Option<Located<String>>,
     pub stream_idle_timeout: Option<Located<String>>,
+    pub upstream_idle_timeout: Option<Located<String>>,
     pub drain_timeout: Option<Located<String>>,
     pub shutdown_delay: Option<Located<String>>,
     pub max_request_header_bytes: Option<Located<u64>>,
@@ -106,8 +107,8 @@ pub struct RouteFile {
     pub rollout: Option<Located<RolloutFile>>,
 }
 
-/// `split = { blue = 90, green = 10 }`, in the order written: the order decides which
-/// sticky buckets each backend owns, so it must not be lost to a sorted map.
+/// `split = { blue = 90, green = 10 }`. Entries are kept as a list (not a map) so that a
+/// backend named twice can be reported; bucket order is decided by the route table.
 #[derive(Debug, Default)]
 pub struct SplitFile(pub Vec<(String, Located<f64>)>);
 

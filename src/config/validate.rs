@@ -17,6 +17,9 @@ use super::*;
 /// Something `check` points out that does not stop the config from running.
 pub type Warning = ConfigError;
 
+/// The longest duration any key accepts.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 const NAME_RULE: &str = "use letters, digits, '-', '_' and '.' only";
 
 pub(super) fn parse(text: &str) -> Result<Checked, Vec<ConfigError>> {
@@ -77,6 +80,15 @@ impl Validator {
     fn duration(&mut self, key: &str, value: Option<&Located<String>>, default: Duration) -> Duration {
         let Some(value) = value else { return default };
         match humantime::parse_duration(value.get_ref()) {
+            // Deadlines are computed as now + duration: keep them far from overflow.
+            Ok(d) if d > MAX_DURATION => {
+                self.error(
+                    key,
+                    value.span(),
+                    format!("{:?} is longer than a year; no timeout here needs that", value.get_ref()),
+                );
+                default
+            }
             Ok(d) => d,
             Err(e) => {
                 self.error(
@@ -261,6 +273,11 @@ impl Validator {
                 file.stream_idle_timeout.as_ref(),
                 d.stream_idle_timeout,
             ),
+            upstream_idle_timeout: self.nonzero_duration(
+                "defaults.upstream_idle_timeout",
+                file.upstream_idle_timeout.as_ref(),
+                d.upstream_idle_timeout,
+            ),
             drain_timeout: self.duration("defaults.drain_timeout", file.drain_timeout.as_ref(), d.drain_timeout),
             shutdown_delay: self.duration("defaults.shutdown_delay", file.shutdown_delay.as_ref(), d.shutdown_delay),
             max_request_header_bytes,
@@ -430,6 +447,8 @@ impl Validator {
             total += bps;
             out.push((name.clone(), bps));
         }
+        // One canonical order (by name), so that splits compare as the sets they are.
+        out.sort();
         if out.is_empty() {
             self.error(key, split.span(), "a split needs at least one backend");
         } else if total != ALL {
@@ -694,6 +713,9 @@ split = { blue = 99.95, green = 0.05 }
     fn a_good_config_gives_basis_points_and_defaults() {
         let c = parse(BASE).expect("valid").config;
         assert_eq!(c.routes[0].split, vec![("blue".into(), 9995), ("green".into(), 5)]);
+        let reordered =
+            parse(&BASE.replace("blue = 99.95, green = 0.05", "green = 0.05, blue = 99.95")).expect("valid").config;
+        assert_eq!(reordered.routes[0].split, c.routes[0].split, "splits are sets, whatever the order written");
         assert_eq!(c.routes[0].path_prefix, "/");
         assert_eq!(c.routes[0].request_timeout, Duration::from_secs(60));
         assert_eq!(c.defaults, Defaults::default());
@@ -769,6 +791,16 @@ request_timeout = "forever"
         let w = parse(&text).expect("valid").warnings;
         assert_eq!(w.len(), 1);
         assert!(w[0].message.contains("\"api\" is never reached"));
+    }
+
+    #[test]
+    fn absurd_durations_are_refused() {
+        let e = errors(&format!("[defaults]\nstream_idle_timeout = \"300000000000y\"\n{BASE}"));
+        assert!(
+            e[0].message.contains("longer than a year") || e[0].message.contains("not a duration"),
+            "{}",
+            e[0].message
+        );
     }
 
     #[test]

@@ -119,6 +119,7 @@ impl Control {
             reloads: Reloads::default(),
         };
         control.reconcile(&control.base.clone());
+        control.drop_invalid_state();
         let restored: Vec<String> =
             control.state.routes.iter().filter(|(_, r)| r.split.is_some()).map(|(n, _)| n.clone()).collect();
         if !restored.is_empty() {
@@ -133,17 +134,28 @@ impl Control {
         self.table.reader()
     }
 
-    /// Runs the control task until every [`Handle`] is dropped; from then on `listeners`
+    /// Runs the control loop until every [`Handle`] is dropped; from then on `listeners`
     /// follow the config's addresses.
+    ///
+    /// The loop has an OS thread of its own: it writes and fsyncs the state file before
+    /// answering (an answered rollback survives a crash), and those milliseconds of disk
+    /// wait must never stall a worker that is proxying requests.
     pub fn spawn(mut self, listeners: Box<dyn Listeners>) -> Handle {
         self.listeners = Some(listeners);
         let (tx, mut rx) = mpsc::channel::<(Command, Actor, oneshot::Sender<Value>)>(64);
-        tokio::spawn(async move {
-            while let Some((command, actor, reply)) = rx.recv().await {
+        // Listener changes spawn accept loops onto the proxy's runtime.
+        let runtime = tokio::runtime::Handle::current();
+        let spawned = std::thread::Builder::new().name("switchyard-control".into()).spawn(move || {
+            let _runtime = runtime.enter();
+            while let Some((command, actor, reply)) = rx.blocking_recv() {
                 let answer = self.apply(command, actor);
                 let _ = reply.send(answer);
             }
         });
+        if let Err(e) = spawned {
+            // Without its thread the control path cannot run; every command says so.
+            tracing::error!(error = %e, "cannot start the control thread");
+        }
         Handle { tx }
     }
 
@@ -193,6 +205,32 @@ impl Control {
         });
     }
 
+    /// A restored split is used only if it would be accepted from the socket today.
+    fn drop_invalid_state(&mut self) {
+        let names: Vec<String> = self.state.routes.keys().cloned().collect();
+        for name in names {
+            let Some(route) = self.state.routes.get(&name).cloned() else { continue };
+            for (what, split) in [("split", &route.split), ("previous", &route.previous)] {
+                if let Some(Err(e)) = split.as_ref().map(|s| self.check_split(&name, s)) {
+                    tracing::warn!(route = %name, %e, "ignoring an invalid {what} from the state file");
+                    self.events.record(
+                        Event::new(&Actor::Switchyard, "state-ignored", self.generation)
+                            .route(&name)
+                            .reason(format!("{what}: {e}")),
+                    );
+                    let entry = self.state.routes.entry(name.clone()).or_default();
+                    match what {
+                        "split" => {
+                            entry.split = None;
+                            entry.file_split = None;
+                        }
+                        _ => entry.previous = None,
+                    }
+                }
+            }
+        }
+    }
+
     /// Builds and stores a new table from the effective config; returns its generation.
     fn swap(&mut self) -> u64 {
         self.generation += 1;
@@ -214,7 +252,7 @@ impl Control {
         let file = self.base.routes.iter().find(|r| r.name == route).map(|r| r.split.clone());
         let entry = self.state.routes.entry(route.to_string()).or_default();
         entry.previous = before;
-        if Some(&split) == file.as_ref() {
+        if file.as_ref().map(nonzero) == Some(nonzero(&split)) {
             entry.split = None;
             entry.file_split = None;
         } else {
@@ -223,11 +261,18 @@ impl Control {
         }
     }
 
-    fn set_weights(&mut self, route: &str, split: Shares, actor: &Actor) -> Value {
+    fn set_weights(&mut self, route: &str, mut split: Shares, actor: &Actor) -> Value {
         if let Err(e) = self.check_split(route, &split) {
             return failure(&e);
         }
+        // Backends at 0 % are the same split as backends left out, and order does not
+        // matter: compare and store one canonical form.
+        split = nonzero(&split);
         let before = self.split_of(route);
+        if before.as_ref().map(nonzero) == Some(nonzero(&split)) {
+            // Nothing changes; `rollback` keeps pointing at the split before the last real change.
+            return json!({ "ok": true, "generation": self.generation, "route": route, "split": shares_json(before.as_deref()), "unchanged": true });
+        }
         self.change_split(route, split.clone());
         let generation = self.swap();
         self.persist();
@@ -379,6 +424,13 @@ impl Control {
             "routes": routes,
         })
     }
+}
+
+/// A split without its 0 % shares, in name order: the form splits are compared in.
+fn nonzero(split: &Shares) -> Shares {
+    let mut s: Shares = split.iter().filter(|&&(_, w)| w > 0).cloned().collect();
+    s.sort();
+    s
 }
 
 /// `{"ok": false, "error": ...}`

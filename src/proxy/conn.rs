@@ -13,7 +13,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -31,6 +31,9 @@ pub struct ConnShared {
     active: AtomicU32,
     /// Requests begun on this connection, ever: tells the wrapper a new head was parsed.
     started: AtomicU64,
+    /// The connection became a tunnel (101): no more HTTP heads, no timers here; the
+    /// tunnel has its own idle timeout.
+    upgraded: AtomicBool,
 }
 
 impl ConnShared {
@@ -39,6 +42,11 @@ impl ConnShared {
         self.started.fetch_add(1, Ordering::Relaxed);
         self.active.fetch_add(1, Ordering::Relaxed);
         ActiveRequest(self.clone())
+    }
+
+    /// Marks the connection as a tunnel from now on.
+    pub fn mark_upgraded(&self) {
+        self.upgraded.store(true, Ordering::Relaxed);
     }
 }
 
@@ -129,7 +137,7 @@ impl AsyncRead for ClientIo {
             this.seen_started = started;
             this.wait = Wait::None;
         }
-        let busy = this.shared.active.load(Ordering::Relaxed) > 0;
+        let busy = this.shared.active.load(Ordering::Relaxed) > 0 || this.shared.upgraded.load(Ordering::Relaxed);
 
         match result {
             Poll::Ready(Ok(())) => {
@@ -151,7 +159,7 @@ impl AsyncRead for ClientIo {
                 }
                 ready!(this.timer.as_mut().poll(cx));
                 if this.wait == Wait::Head {
-                    tracing::debug!(after = ?this.timeouts.header_read, "client too slow sending a request head: 408");
+                    tracing::info!(status = 408, after = ?this.timeouts.header_read, "request refused: client too slow sending a request head");
                     this.send_408();
                 }
                 // End of stream: hyper closes the connection.

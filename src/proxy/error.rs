@@ -27,6 +27,8 @@ pub enum ProxyError {
     Connect { route: Arc<str>, backend: Arc<str>, source: ConnectError },
     #[error("backend {backend:?} of route {route:?}: server {server} failed: {source}")]
     Upstream { route: Arc<str>, backend: Arc<str>, server: Arc<str>, source: hyper::Error },
+    #[error("backend {backend:?} of route {route:?}: the server switched protocols (101) without being asked")]
+    UnaskedUpgrade { route: Arc<str>, backend: Arc<str> },
     #[error("backend {backend:?} of route {route:?}: server {server} sent no response head within {after:?}")]
     Timeout { route: Arc<str>, backend: Arc<str>, server: Arc<str>, after: Duration },
 }
@@ -39,7 +41,9 @@ impl ProxyError {
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::NoServer { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::UnaskedUpgrade { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -47,7 +51,13 @@ impl ProxyError {
     /// Whether the upstream caused it (for logs now, and for analysis later); the client's
     /// own mistakes are not held against a backend.
     pub fn is_upstream_failure(&self) -> bool {
-        matches!(self, ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::Timeout { .. })
+        matches!(
+            self,
+            ProxyError::Connect { .. }
+                | ProxyError::Upstream { .. }
+                | ProxyError::Timeout { .. }
+                | ProxyError::UnaskedUpgrade { .. }
+        )
     }
 
     /// A plain-text answer naming the cause, logged once here.
@@ -56,7 +66,7 @@ impl ProxyError {
         if self.is_upstream_failure() || status == StatusCode::SERVICE_UNAVAILABLE {
             tracing::warn!(status = status.as_u16(), error = %self, "request failed");
         } else {
-            tracing::debug!(status = status.as_u16(), error = %self, "request refused");
+            tracing::info!(status = status.as_u16(), error = %self, "request refused");
         }
         message(status, format!("{self}\n"))
     }

@@ -200,7 +200,7 @@ impl Proxy {
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {
-                return Err(ProxyError::BadRequest("the server switched protocols without being asked"));
+                return Err(ProxyError::UnaskedUpgrade { route: route.name.clone(), backend: backend.name.clone() });
             };
             let server_upgrade = hyper::upgrade::on(&mut response);
             let protocol = response.headers().get(header::UPGRADE).cloned();
@@ -210,6 +210,7 @@ impl Proxy {
             if let Some(protocol) = protocol {
                 parts.headers.insert(header::UPGRADE, protocol);
             }
+            client.shared.mark_upgraded();
             tokio::spawn(tunnel::run(client_upgrade, server_upgrade, in_flight, limits.stream_idle_timeout));
             return Ok(Response::from_parts(parts, ResponseBody::empty()));
         }
@@ -242,7 +243,7 @@ async fn forward(
     let mut connect_retried = false;
     loop {
         let in_flight = server.start_request();
-        let mut pooled = server.pool.take();
+        let mut pooled = server.pool.take(limits.upstream_idle_timeout);
         if let Some(sender) = &mut pooled {
             if !upstream::ready(sender, limits.connect_timeout).await {
                 pooled = None;

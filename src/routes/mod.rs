@@ -159,18 +159,16 @@ impl Table {
             .routes
             .iter()
             .map(|r| {
-                let mut shares: Vec<(usize, BasisPoints)> =
-                    r.split.iter().filter_map(|(name, w)| Some((index(name)?, *w))).collect();
+                // Buckets are laid out in one canonical order, whatever order the split
+                // was written or typed in: the rollout's canary first (its sticky cohort
+                // then only grows as its weight rises), the others by name. A layout that
+                // followed the input would move sticky keys whenever a split is re-typed.
+                let mut named: Vec<&(String, BasisPoints)> = r.split.iter().collect();
+                named.sort_by_key(|(name, _)| (r.rollout.as_ref().is_none_or(|ro| ro.canary != *name), name.as_str()));
+                let shares: Vec<(usize, BasisPoints)> =
+                    named.iter().filter_map(|(name, w)| Some((index(name)?, *w))).collect();
                 let mut members: Vec<usize> = shares.iter().map(|&(b, _)| b).collect();
                 if let Some(rollout) = &r.rollout {
-                    // The canary owns the lowest buckets, so its sticky cohort only grows
-                    // as its weight rises.
-                    if let Some(canary) = index(&rollout.canary) {
-                        if let Some(pos) = shares.iter().position(|&(b, _)| b == canary) {
-                            let entry = shares.remove(pos);
-                            shares.insert(0, entry);
-                        }
-                    }
                     members.extend([&rollout.stable, &rollout.canary].into_iter().filter_map(|n| index(n)));
                 }
                 members.sort_unstable();

@@ -20,9 +20,10 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 /// Idle connections kept per server; more are closed as they come back.
-const MAX_IDLE_PER_SERVER: usize = 256;
+const MAX_IDLE_PER_SERVER: usize = 1024;
 
 /// A connection ready to carry one request.
 pub type Sender = http1::SendRequest<RequestBody>;
@@ -41,7 +42,8 @@ pub enum ConnectError {
 /// Idle keep-alive connections to one server.
 #[derive(Debug, Default)]
 pub struct Pool {
-    idle: Mutex<Vec<Sender>>,
+    /// Idle connections with the moment each became idle, most recent last.
+    idle: Mutex<Vec<(Sender, Instant)>>,
 }
 
 impl Pool {
@@ -49,9 +51,19 @@ impl Pool {
     /// the way. It may not be ready *yet*: a connection goes back to the pool as soon as
     /// the client has read the response's end, a moment before hyper's connection task
     /// has noticed. [`ready`] waits for that moment.
-    pub fn take(&self) -> Option<Sender> {
+    ///
+    /// Connections idle for longer than `max_idle` are closed instead: a server closes its
+    /// idle keep-alive connections on its own clock (often 5 s), and a request written just
+    /// as it does would fail with nothing to retry.
+    pub fn take(&self, max_idle: Duration) -> Option<Sender> {
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(sender) = idle.pop() {
+        while let Some((sender, since)) = idle.pop() {
+            if now.duration_since(since) > max_idle {
+                // Pushed in time order: everything below is older still.
+                idle.clear();
+                return None;
+            }
             if !sender.is_closed() {
                 return Some(sender);
             }
@@ -66,7 +78,7 @@ impl Pool {
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE_PER_SERVER {
-            idle.push(sender);
+            idle.push((sender, Instant::now()));
         }
     }
 

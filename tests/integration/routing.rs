@@ -230,3 +230,60 @@ async fn servers_that_close_every_connection_lose_no_request() {
     }
     assert_eq!(failures, 0);
 }
+
+#[tokio::test]
+async fn sticky_cohorts_only_grow_whatever_order_set_weights_names_backends_in() {
+    let blue = TestServer::named("blue").await;
+    let green = TestServer::named("green").await;
+    let proxy = TestProxy::start(&format!(
+        "{}{}[[routes]]\nname = \"agent\"\nsplit = {{ blue = 90, green = 10 }}\nsticky = {{ header = \"x-conversation-id\" }}\n",
+        backend("blue", &[&blue]),
+        backend("green", &[&green])
+    ))
+    .await;
+    let client = client();
+    let served = |key: usize| {
+        let req = Request::get(proxy.url("/"))
+            .header("x-conversation-id", format!("c{key}"))
+            .body(Default::default())
+            .expect("req");
+        let client = client.clone();
+        async move { fetch(&client, req).await.expect("answer").2 }
+    };
+    let mut on_green = Vec::new();
+    for key in 0..300 {
+        if served(key).await == "green" {
+            on_green.push(key);
+        }
+    }
+    assert!(!on_green.is_empty());
+    // Typed canary-first, the reverse of the file's order: the layout must not follow it.
+    assert_eq!(admin(&proxy, "set-weights agent green=20 blue=80").await["ok"], true);
+    let mut now_green = 0;
+    for key in 0..300 {
+        let backend = served(key).await;
+        if on_green.contains(&key) {
+            assert_eq!(backend, "green", "conversation c{key} went back from green to blue as green's weight rose");
+        }
+        now_green += usize::from(backend == "green");
+    }
+    assert!(now_green > on_green.len(), "the cohort grew ({} -> {now_green})", on_green.len());
+}
+
+#[tokio::test]
+async fn pooled_connections_idle_past_the_limit_are_not_reused() {
+    let blue = TestServer::named("blue").await;
+    let proxy = TestProxy::start(&format!(
+        "[defaults]\nupstream_idle_timeout = \"150ms\"\n{}[[routes]]\nname = \"r\"\nsplit = {{ blue = 100 }}\n",
+        backend("blue", &[&blue])
+    ))
+    .await;
+    let client = client();
+    fetch(&client, get(&proxy.url("/"))).await.expect("answer");
+    fetch(&client, get(&proxy.url("/"))).await.expect("answer");
+    assert_eq!(blue.connections.load(std::sync::atomic::Ordering::SeqCst), 1, "reused while fresh");
+    // Longer than the limit: a server with a 5 s keep-alive and a 4 s limit, in small.
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    fetch(&client, get(&proxy.url("/"))).await.expect("answer");
+    assert_eq!(blue.connections.load(std::sync::atomic::Ordering::SeqCst), 2, "a stale connection must not be reused");
+}

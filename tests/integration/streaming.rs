@@ -109,8 +109,11 @@ async fn websockets_are_tunnelled_both_ways() {
             });
         }
     });
+    // Client-connection timeouts far shorter than the pauses below: a tunnel is not an
+    // HTTP connection waiting for a head, and must outlive them.
     let proxy = TestProxy::start(&format!(
-        "[backends.ws]\nservers = [\"{ws_addr}\"]\n[[routes]]\nname = \"ws\"\nsplit = {{ ws = 100 }}\n"
+        "[defaults]\nheader_read_timeout = \"200ms\"\nidle_timeout = \"300ms\"\n\
+         [backends.ws]\nservers = [\"{ws_addr}\"]\n[[routes]]\nname = \"ws\"\nsplit = {{ ws = 100 }}\n"
     ))
     .await;
     let stream = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
@@ -122,6 +125,10 @@ async fn websockets_are_tunnelled_both_ways() {
         ws.send(Message::text(format!("hello {i}"))).await.expect("send");
         assert_eq!(ws.next().await.expect("an echo").expect("a frame"), Message::text(format!("hello {i}")));
     }
+    // Quiet for longer than both client timeouts: the tunnel stays up.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    ws.send(Message::text("after a pause")).await.expect("send");
+    assert_eq!(ws.next().await.expect("an echo").expect("a frame"), Message::text("after a pause"));
     ws.send(Message::binary(vec![0u8, 1, 2, 255])).await.expect("send");
     assert_eq!(ws.next().await.expect("an echo").expect("a frame"), Message::binary(vec![0u8, 1, 2, 255]));
     ws.close(None).await.expect("close");
