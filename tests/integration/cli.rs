@@ -67,7 +67,9 @@ async fn run_serves_logs_json_and_stops_on_sigterm() {
     std::fs::write(
         &file,
         format!(
-            "[listen]\nhttp = \"127.0.0.1:{port}\"\n{}[[routes]]\nname = \"r\"\nsplit = {{ blue = 100 }}\n",
+            "[listen]\nhttp = \"127.0.0.1:{port}\"\n[admin]\nsocket = \"{}\"\nstate_dir = \"{}\"\n{}[[routes]]\nname = \"r\"\nsplit = {{ blue = 100 }}\n",
+            dir.join("admin.sock").display(),
+            dir.join("state").display(),
             backend("blue", &[&blue])
         ),
     )
@@ -91,7 +93,22 @@ async fn run_serves_logs_json_and_stops_on_sigterm() {
     let (status, _, body) = answer.expect("switchyard answers within 5 s");
     assert_eq!((status.as_u16(), body.as_str()), (200, "blue"));
 
+    // ctl against the running binary: a table for people, JSON and exit 1 for a refusal.
+    let socket = dir.join("admin.sock");
+    let socket = socket.to_str().expect("utf-8");
+    let (code, out, err) = switchyard(&["ctl", "--socket", socket, "status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("route r  split blue=100.0 (config)"), "{out}");
+    let (code, out, _) = switchyard(&["ctl", "--socket", socket, "--json", "set-weights", "r", "blue=50"]);
+    assert_eq!(code, 1);
+    let answer: serde_json::Value = serde_json::from_str(&out).expect("one JSON line");
+    assert_eq!(answer["ok"], false);
+    assert!(answer["error"].as_str().is_some_and(|e| e.contains("sum to 50 %")), "{answer}");
+
     let pid = child.id().expect("pid").to_string();
+    assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().expect("kill").success());
+    let (code, _, _) = switchyard(&["ctl", "--socket", socket, "status"]);
+    assert_eq!(code, 0, "still serving after SIGHUP");
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
     let out = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait_with_output())
         .await
@@ -101,5 +118,6 @@ async fn run_serves_logs_json_and_stops_on_sigterm() {
     let log = String::from_utf8_lossy(&out.stderr);
     let first = log.lines().next().expect("a log line");
     assert!(first.starts_with('{') && first.contains("\"switchyard is serving\""), "{log}");
+    assert!(log.contains("SIGHUP: reloading the config"), "{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }

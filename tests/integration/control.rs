@@ -287,3 +287,38 @@ async fn a_new_listen_address_takes_effect_on_reload() {
         "the old listener closes"
     );
 }
+
+/// A Kubernetes ConfigMap volume: `switchyard.toml -> ..data/switchyard.toml`, and an update
+/// swaps the `..data` symlink to a new timestamped directory. A watch on the file itself
+/// would keep following the old inode.
+#[tokio::test]
+async fn a_configmap_style_symlink_swap_is_reloaded() {
+    use std::os::unix::fs::symlink;
+    let blue = TestServer::named("blue").await;
+    let green = TestServer::named("green").await;
+    let volume = TempDir::new();
+    std::fs::create_dir_all(volume.path("..2026_11_23_a")).expect("dir");
+    symlink("..2026_11_23_a", volume.path("..data")).expect("symlink");
+    symlink("..data/switchyard.toml", volume.path("switchyard.toml")).expect("symlink");
+    let proxy = TestProxy::start_in(
+        TempDir::new(),
+        &blue_green("blue = 100, green = 0")(&blue, &green),
+        Some(volume.path("switchyard.toml")),
+    )
+    .await;
+    assert_eq!(probe(&proxy).await, "blue");
+    let before = generation(&admin(&proxy, "status").await);
+
+    std::fs::create_dir_all(volume.path("..2026_11_23_b")).expect("dir");
+    std::fs::write(
+        volume.path("..2026_11_23_b/switchyard.toml"),
+        full_config(&proxy.dir, &blue_green("blue = 0, green = 100")(&blue, &green)),
+    )
+    .expect("write");
+    symlink("..2026_11_23_b", volume.path("..data_tmp")).expect("symlink");
+    std::fs::rename(volume.path("..data_tmp"), volume.path("..data")).expect("swap ..data");
+    std::fs::remove_dir_all(volume.path("..2026_11_23_a")).expect("old data goes");
+
+    reloaded(&proxy, before).await;
+    assert_eq!(probe(&proxy).await, "green");
+}
