@@ -6,6 +6,8 @@
 //! config (pure) ─► routes (immutable Table, built on the control path)
 //!                    ▲ reads            ▲ owns pools of
 //! proxy (hot path) ──┘   upstream ◄─────┘ (connections to servers)
+//! control (single writer: commands, state, events) ─► routes::TableWriter, health probes
+//! admin (socket, ctl) ─► control::Handle        health ─► per-server atomics (no swap)
 //! app: the composition root that builds and starts every part, and nothing imports it.
 //! ```
 //!
@@ -17,6 +19,7 @@ pub mod app;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod health;
 pub mod proxy;
 pub mod routes;
 pub mod upstream;

@@ -77,6 +77,7 @@ pub struct Control {
     listeners: Option<Box<dyn Listeners>>,
     last_reload_error: Option<String>,
     reloads: Reloads,
+    health: crate::health::HealthChecks,
 }
 
 /// Reloads counted since start.
@@ -117,6 +118,7 @@ impl Control {
             listeners: None,
             last_reload_error: None,
             reloads: Reloads::default(),
+            health: Default::default(),
         };
         control.reconcile(&control.base.clone());
         control.drop_invalid_state();
@@ -142,6 +144,7 @@ impl Control {
     /// wait must never stall a worker that is proxying requests.
     pub fn spawn(mut self, listeners: Box<dyn Listeners>) -> Handle {
         self.listeners = Some(listeners);
+        self.health.sync(&self.base, &self.table.current());
         let (tx, mut rx) = mpsc::channel::<(Command, Actor, oneshot::Sender<Value>)>(64);
         // Listener changes spawn accept loops onto the proxy's runtime.
         let runtime = tokio::runtime::Handle::current();
@@ -236,7 +239,12 @@ impl Control {
         self.generation += 1;
         let table = Table::build(&self.effective(), &mut self.servers, self.generation);
         self.table.store(table);
-        self.servers.retain_in(&self.table.current());
+        let table = self.table.current();
+        self.servers.retain_in(&table);
+        if self.listeners.is_some() {
+            // Running: probes follow the table. (Before `spawn` there is no runtime yet.)
+            self.health.sync(&self.base, &table);
+        }
         self.generation
     }
 
@@ -406,7 +414,7 @@ impl Control {
                         let servers: Vec<Value> = backend
                             .servers
                             .iter()
-                            .map(|s| json!({ "addr": &*s.label, "in_rotation": s.in_rotation(), "in_flight": s.in_flight() }))
+                            .map(|s| json!({ "addr": &*s.label, "healthy": s.healthy(), "in_rotation": s.in_rotation(), "in_flight": s.in_flight() }))
                             .collect();
                         json!({ "name": &*backend.name, "version": backend.version.as_deref(), "weight": percent(weight), "servers": servers })
                     })

@@ -14,7 +14,7 @@ mod split;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,19 +67,27 @@ pub struct Server {
     /// Seeds rendezvous hashing; derived from the address so it is the same in every process.
     seed: u64,
     in_flight: AtomicU32,
-    in_rotation: AtomicBool,
+    /// Why the server is out of rotation, as bits ([`UNHEALTHY`], [`DISABLED`]); 0 means in
+    /// rotation. One atomic, so the hot path decides with one load.
+    out: AtomicU8,
     pub pool: Pool,
 }
 
+/// The server failed its active health check (or has not passed it yet).
+pub const UNHEALTHY: u8 = 1;
+/// Taken out by hand.
+pub const DISABLED: u8 = 2;
+
 impl Server {
-    fn new(addr: SocketAddr) -> Self {
+    /// A server with a health check starts out of rotation until it has passed it.
+    fn new(addr: SocketAddr, health_checked: bool) -> Self {
         let label: Arc<str> = addr.to_string().into();
         Server {
             addr,
             seed: key_hash(label.as_bytes()),
             label,
             in_flight: AtomicU32::new(0),
-            in_rotation: AtomicBool::new(true),
+            out: AtomicU8::new(if health_checked { UNHEALTHY } else { 0 }),
             pool: Pool::default(),
         }
     }
@@ -92,14 +100,29 @@ impl Server {
     /// Whether new requests may go to this server.
     #[inline]
     pub fn in_rotation(&self) -> bool {
-        self.in_rotation.load(Ordering::Relaxed)
+        self.out.load(Ordering::Relaxed) == 0
     }
 
-    pub fn set_in_rotation(&self, yes: bool) {
-        self.in_rotation.store(yes, Ordering::Relaxed);
-        if !yes {
+    pub fn healthy(&self) -> bool {
+        self.out.load(Ordering::Relaxed) & UNHEALTHY == 0
+    }
+
+    /// Sets or clears one reason for being out of rotation. Leaving rotation closes the
+    /// idle pooled connections: they would only go stale.
+    pub fn set_out(&self, reason: u8, out: bool) {
+        let before = if out {
+            self.out.fetch_or(reason, Ordering::Relaxed)
+        } else {
+            self.out.fetch_and(!reason, Ordering::Relaxed)
+        };
+        if out && before == 0 {
             self.pool.clear();
         }
+    }
+
+    /// Takes the server out of rotation by hand, or returns it.
+    pub fn set_in_rotation(&self, yes: bool) {
+        self.set_out(DISABLED, !yes);
     }
 
     /// Counts a request against this server until the guard is dropped.
@@ -150,7 +173,11 @@ impl Table {
                 Arc::new(Backend {
                     name: b.name.as_str().into(),
                     version: b.version.as_deref().map(Into::into),
-                    servers: b.servers.iter().map(|&addr| servers.get_or_create(&b.name, addr)).collect(),
+                    servers: b
+                        .servers
+                        .iter()
+                        .map(|&addr| servers.get_or_create(&b.name, addr, b.health.is_some()))
+                        .collect(),
                 })
             })
             .collect();
@@ -260,8 +287,11 @@ pub struct Servers {
 }
 
 impl Servers {
-    fn get_or_create(&mut self, backend: &str, addr: SocketAddr) -> Arc<Server> {
-        self.by_identity.entry((backend.to_string(), addr)).or_insert_with(|| Arc::new(Server::new(addr))).clone()
+    fn get_or_create(&mut self, backend: &str, addr: SocketAddr, health_checked: bool) -> Arc<Server> {
+        self.by_identity
+            .entry((backend.to_string(), addr))
+            .or_insert_with(|| Arc::new(Server::new(addr, health_checked)))
+            .clone()
     }
 
     /// Forgets servers no longer in `table`; requests still running on them keep their own

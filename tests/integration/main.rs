@@ -6,6 +6,7 @@ mod cli;
 mod control;
 mod errors;
 mod headers;
+mod health;
 mod layout;
 mod routing;
 mod streaming;
