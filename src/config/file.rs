@@ -79,6 +79,15 @@ pub struct BackendFile {
     pub servers: Located<Vec<Located<String>>>,
     pub version: Option<String>,
     pub health: Option<Located<HealthFile>>,
+    pub outlier: Option<Located<OutlierFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierFile {
+    pub failures: Option<u32>,
+    pub backoff: Option<Located<String>>,
+    pub max_backoff: Option<Located<String>>,
 }
 
 #[derive(Debug, Deserialize)]

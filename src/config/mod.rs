@@ -98,6 +98,23 @@ pub struct BackendSpec {
     pub servers: Vec<SocketAddr>,
     pub version: Option<String>,
     pub health: Option<HealthSpec>,
+    pub outlier: Outlier,
+}
+
+/// Passive outlier detection: a server whose requests fail `failures` times in a row is
+/// ejected for `backoff`, doubled on each ejection up to `max_backoff`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outlier {
+    /// 0 turns ejection off.
+    pub failures: u32,
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for Outlier {
+    fn default() -> Self {
+        Outlier { failures: 5, backoff: Duration::from_secs(10), max_backoff: Duration::from_secs(300) }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

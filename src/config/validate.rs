@@ -303,7 +303,27 @@ impl Validator {
             }
         }
         let health = b.health.as_ref().map(|h| self.health(&format!("{key}.health"), h.get_ref()));
-        BackendSpec { name: name.to_string(), servers, version: b.version.clone(), health }
+        let d = Outlier::default();
+        let outlier = match &b.outlier {
+            None => d,
+            Some(o) => {
+                let okey = format!("{key}.outlier");
+                let o = o.get_ref();
+                let backoff = self.nonzero_duration(&format!("{okey}.backoff"), o.backoff.as_ref(), d.backoff);
+                let max_backoff = self.nonzero_duration(
+                    &format!("{okey}.max_backoff"),
+                    o.max_backoff.as_ref(),
+                    d.max_backoff.max(backoff),
+                );
+                if max_backoff < backoff {
+                    if let Some(m) = &o.max_backoff {
+                        self.error(&format!("{okey}.max_backoff"), m.span(), "must not be shorter than backoff");
+                    }
+                }
+                Outlier { failures: o.failures.unwrap_or(d.failures), backoff, max_backoff: max_backoff.max(backoff) }
+            }
+        };
+        BackendSpec { name: name.to_string(), servers, version: b.version.clone(), health, outlier }
     }
 
     fn health(&mut self, key: &str, h: &file::HealthFile) -> HealthSpec {

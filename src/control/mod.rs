@@ -414,7 +414,7 @@ impl Control {
                         let servers: Vec<Value> = backend
                             .servers
                             .iter()
-                            .map(|s| json!({ "addr": &*s.label, "healthy": s.healthy(), "in_rotation": s.in_rotation(), "in_flight": s.in_flight() }))
+                            .map(|s| json!({ "addr": &*s.label, "healthy": s.healthy(), "ejected": s.ejected(), "in_rotation": s.in_rotation(), "in_flight": s.in_flight() }))
                             .collect();
                         json!({ "name": &*backend.name, "version": backend.version.as_deref(), "weight": percent(weight), "servers": servers })
                     })

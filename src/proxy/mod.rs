@@ -254,6 +254,7 @@ async fn forward(
             None => match upstream::connect(server.addr, limits.connect_timeout).await {
                 Ok(sender) => (sender, false),
                 Err(source) => {
+                    outcome(backend, &server, true);
                     if !connect_retried {
                         if let Some(other) = backend.pick_server(sticky_hash, Some(&server)) {
                             tracing::warn!(route = %route.name, backend = %backend.name, error = %source, retry = %other.label, "connect failed; retrying on another server");
@@ -272,7 +273,10 @@ async fn forward(
         };
         let sent = tokio::time::timeout(route.request_timeout, sender.try_send_request(req)).await;
         match sent {
-            Ok(Ok(response)) => return Ok((response, sender, in_flight)),
+            Ok(Ok(response)) => {
+                outcome(backend, &server, response.status().is_server_error());
+                return Ok((response, sender, in_flight));
+            }
             Ok(Err(mut e)) => match e.take_message() {
                 // The pooled connection closed under us before the request left: nothing
                 // was sent, so a fresh connection can take it.
@@ -281,23 +285,35 @@ async fn forward(
                     req = unsent;
                 }
                 _ => {
+                    outcome(backend, &server, true);
                     return Err(ProxyError::Upstream {
                         route: route.name.clone(),
                         backend: backend.name.clone(),
                         server: server.label.clone(),
                         source: e.into_error(),
-                    })
+                    });
                 }
             },
             Err(_) => {
+                outcome(backend, &server, true);
                 return Err(ProxyError::Timeout {
                     route: route.name.clone(),
                     backend: backend.name.clone(),
                     server: server.label.clone(),
                     after: route.request_timeout,
-                })
+                });
             }
         }
+    }
+}
+
+/// Feeds passive outlier detection: failures the upstream caused (connect errors,
+/// timeouts, broken connections, 5xx), never the client's.
+#[inline]
+fn outcome(backend: &Backend, server: &Arc<Server>, failed: bool) {
+    let others = || backend.servers.iter().any(|s| !Arc::ptr_eq(s, server) && s.in_rotation());
+    if let Some(backoff) = server.record_outcome(failed, &backend.outlier, others) {
+        tracing::warn!(backend = %backend.name, server = %server.label, failures = backend.outlier.failures, ?backoff, "server ejected: upstream failures in a row");
     }
 }
 

@@ -21,7 +21,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use http::HeaderName;
 
-use crate::config::{BasisPoints, Config, Defaults, HostPattern, Sticky};
+use crate::config::{BasisPoints, Config, Defaults, HostPattern, Outlier, Sticky};
 use crate::upstream::Pool;
 
 pub use matcher::{host_matches, normalize_path, prefix_matches, strip_port, BadPath};
@@ -55,6 +55,7 @@ pub struct Route {
 pub struct Backend {
     pub name: Arc<str>,
     pub version: Option<Arc<str>>,
+    pub outlier: Outlier,
     pub servers: Box<[Arc<Server>]>,
 }
 
@@ -67,6 +68,10 @@ pub struct Server {
     /// Seeds rendezvous hashing; derived from the address so it is the same in every process.
     seed: u64,
     in_flight: AtomicU32,
+    /// Upstream failures in a row, and ejections since the last success (the back-off's
+    /// exponent).
+    failures: AtomicU32,
+    ejections: AtomicU32,
     /// Why the server is out of rotation, as bits ([`UNHEALTHY`], [`DISABLED`]); 0 means in
     /// rotation. One atomic, so the hot path decides with one load.
     out: AtomicU8,
@@ -77,6 +82,8 @@ pub struct Server {
 pub const UNHEALTHY: u8 = 1;
 /// Taken out by hand.
 pub const DISABLED: u8 = 2;
+/// Ejected by passive outlier detection, for a back-off.
+pub const EJECTED: u8 = 4;
 
 impl Server {
     /// A server with a health check starts out of rotation until it has passed it.
@@ -87,6 +94,8 @@ impl Server {
             seed: key_hash(label.as_bytes()),
             label,
             in_flight: AtomicU32::new(0),
+            failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
             out: AtomicU8::new(if health_checked { UNHEALTHY } else { 0 }),
             pool: Pool::default(),
         }
@@ -118,6 +127,49 @@ impl Server {
         if out && before == 0 {
             self.pool.clear();
         }
+    }
+
+    pub fn ejected(&self) -> bool {
+        self.out.load(Ordering::Relaxed) & EJECTED != 0
+    }
+
+    /// Records a request's outcome for passive outlier detection. After `policy.failures`
+    /// upstream failures in a row the server is ejected, unless it is the last one in
+    /// rotation in its backend (`others_in_rotation` false): ejecting that would turn a
+    /// degraded backend into a dead one. Returns the back-off when it ejected.
+    #[inline]
+    pub fn record_outcome(
+        self: &Arc<Self>,
+        failed: bool,
+        policy: &Outlier,
+        others_in_rotation: impl FnOnce() -> bool,
+    ) -> Option<Duration> {
+        if !failed {
+            // Loads first: the common case writes nothing, so no cache line bounces.
+            if self.failures.load(Ordering::Relaxed) != 0 {
+                self.failures.store(0, Ordering::Relaxed);
+            }
+            if self.ejections.load(Ordering::Relaxed) != 0 {
+                self.ejections.store(0, Ordering::Relaxed);
+            }
+            return None;
+        }
+        let in_a_row = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if policy.failures == 0 || in_a_row < policy.failures || self.ejected() || !others_in_rotation() {
+            return None;
+        }
+        self.failures.store(0, Ordering::Relaxed);
+        let n = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
+        let backoff = policy.backoff.saturating_mul(1 << n).min(policy.max_backoff);
+        self.set_out(EJECTED, true);
+        let server = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(backoff).await;
+            // Back in rotation, unless its health check (still probing) says otherwise.
+            server.set_out(EJECTED, false);
+            tracing::info!(server = %server.label, "ejection over: server back in rotation");
+        });
+        Some(backoff)
     }
 
     /// Takes the server out of rotation by hand, or returns it.
@@ -173,6 +225,7 @@ impl Table {
                 Arc::new(Backend {
                     name: b.name.as_str().into(),
                     version: b.version.as_deref().map(Into::into),
+                    outlier: b.outlier,
                     servers: b
                         .servers
                         .iter()
@@ -424,6 +477,27 @@ steps = [{ weight = 10, hold = "1m" }, { weight = 100 }]
                 assert_eq!(now, was, "a key moved though its server stayed");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn ejection_back_off_doubles_up_to_the_cap_and_resets_on_success() {
+        let server = Arc::new(Server::new("127.0.0.1:1".parse().expect("addr"), false));
+        let policy = Outlier { failures: 2, backoff: Duration::from_secs(1), max_backoff: Duration::from_secs(3) };
+        let eject = || {
+            assert_eq!(server.record_outcome(true, &policy, || true), None, "one failure is not a row");
+            let backoff = server.record_outcome(true, &policy, || true);
+            assert!(!server.in_rotation());
+            server.set_out(EJECTED, false);
+            backoff
+        };
+        assert_eq!(eject(), Some(Duration::from_secs(1)));
+        assert_eq!(eject(), Some(Duration::from_secs(2)));
+        assert_eq!(eject(), Some(Duration::from_secs(3)), "capped");
+        server.record_outcome(false, &policy, || true);
+        assert_eq!(eject(), Some(Duration::from_secs(1)), "a success starts over");
+        server.record_outcome(true, &policy, || false);
+        assert_eq!(server.record_outcome(true, &policy, || false), None, "never the last server in rotation");
+        assert!(server.in_rotation());
     }
 
     #[test]

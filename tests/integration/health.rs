@@ -145,3 +145,69 @@ async fn a_server_whose_body_does_not_match_never_gets_a_request() {
     let status = admin(&proxy, "status").await;
     assert!(status.to_string().contains("\"healthy\":false"), "{status}");
 }
+
+#[tokio::test]
+async fn a_server_failing_in_a_row_is_ejected_and_returns_after_its_back_off() {
+    let broken = Arc::new(AtomicBool::new(true));
+    let b = broken.clone();
+    let flaky = TestServer::with_handler("flaky", move |_req| {
+        let b = b.clone();
+        async move {
+            let mut r = Response::new(text("flaky"));
+            if b.load(Ordering::SeqCst) {
+                *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            }
+            r
+        }
+    })
+    .await;
+    let steady = TestServer::named("steady").await;
+    let proxy = TestProxy::start(&format!(
+        "[backends.b]\nservers = [\"{}\", \"{}\"]\noutlier = {{ failures = 3, backoff = \"400ms\", max_backoff = \"10s\" }}\n\
+         [[routes]]\nname = \"r\"\nsplit = {{ b = 100 }}\n",
+        flaky.addr, steady.addr
+    ))
+    .await;
+    let client = client();
+    let mut errors = 0;
+    for _ in 0..200 {
+        if fetch(&client, get(&proxy.url("/"))).await.expect("answer").0 == 500 {
+            errors += 1;
+        }
+    }
+    assert_eq!(errors, 3, "three failures in a row eject the server; no fourth reaches a client");
+    assert_eq!(flaky.request_count(), 3);
+
+    // Fixed while ejected: after the back-off it serves again.
+    broken.store(false, Ordering::SeqCst);
+    let ejected_at = tokio::time::Instant::now();
+    let mut back = false;
+    while ejected_at.elapsed() < Duration::from_secs(3) {
+        if fetch(&client, get(&proxy.url("/"))).await.expect("answer").2 == "flaky" {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(back, "the server returned after its back-off");
+}
+
+#[tokio::test]
+async fn the_last_server_in_rotation_is_never_ejected() {
+    let failing = TestServer::with_handler("failing", |_req| async {
+        let mut r = Response::new(text("oops"));
+        *r.status_mut() = StatusCode::BAD_GATEWAY;
+        r
+    })
+    .await;
+    let proxy = TestProxy::start(&format!(
+        "[backends.b]\nservers = [\"{}\"]\noutlier = {{ failures = 2 }}\n[[routes]]\nname = \"r\"\nsplit = {{ b = 100 }}\n",
+        failing.addr
+    ))
+    .await;
+    let client = client();
+    for _ in 0..10 {
+        // The server's own 502, passed through: not switchyard's 503 for an empty backend.
+        assert_eq!(fetch(&client, get(&proxy.url("/"))).await.expect("answer").2, "oops");
+    }
+}
