@@ -123,7 +123,7 @@ async fn main() {
         "requests/s, {CLIENTS} clients, {ROUNDS} rounds of {ROUND:?}: no weight changes {q:.0}, set-weights every 10 ms {b:.0} ({:+.1} %; target within 3 %)",
         (b / q - 1.0) * 100.0
     );
-    running.shutdown().await;
+    running.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 

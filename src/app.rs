@@ -9,7 +9,9 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,6 +31,8 @@ pub enum StartError {
     NoListener,
     #[error(transparent)]
     Admin(#[from] AdminError),
+    #[error("cannot listen for admin HTTP on {addr}: {source}")]
+    AdminHttp { addr: SocketAddr, source: std::io::Error },
     #[error("cannot watch the config file {path}: {source}")]
     Watch { path: PathBuf, source: notify::Error },
 }
@@ -36,6 +40,14 @@ pub enum StartError {
 /// A running switchyard.
 pub struct Running {
     http_addr: Arc<Mutex<Option<SocketAddr>>>,
+    admin_http_addr: Option<SocketAddr>,
+    /// What `/readyz` says.
+    ready: Arc<AtomicBool>,
+    /// Parent of every listener's stop token.
+    accepting: CancellationToken,
+    /// Tells connections to finish and close.
+    drain: CancellationToken,
+    listeners: TaskTracker,
     table: TableReader,
     admin_socket: PathBuf,
     control: control::Handle,
@@ -50,8 +62,12 @@ pub struct Running {
 /// SIGHUP reloads.
 pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Running, StartError> {
     let shutdown = CancellationToken::new();
+    let accepting = CancellationToken::new();
+    let drain = CancellationToken::new();
     let tasks = TaskTracker::new();
+    let listener_tasks = TaskTracker::new();
     let connections = TaskTracker::new();
+    let ready = Arc::new(AtomicBool::new(false));
     let admin_listener = admin::bind(&config.admin.socket, config.admin.socket_mode)?;
 
     let Some(addr) = config.listen.http else { return Err(StartError::NoListener) };
@@ -59,20 +75,30 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
     let summary = config.summary();
     let admin_socket = config.admin.socket.clone();
 
+    let config_admin_http = config.admin.http;
     let control = Control::new(config, config_path.clone());
     let http_addr = Arc::new(Mutex::new(None));
     let mut listeners = HttpListeners {
-        proxy: Proxy::new(control.reader()),
+        proxy: Proxy::new(control.reader(), connections.clone(), drain.clone()),
         configured: None,
         current: None,
         bound: http_addr.clone(),
-        shutdown: shutdown.clone(),
-        tasks: tasks.clone(),
-        connections: connections.clone(),
+        accepting: accepting.clone(),
+        tasks: listener_tasks.clone(),
     };
     listeners.start(addr, listener);
     let table = control.reader();
+    let admin_http = config_admin_http;
     let control = control.spawn(Box::new(listeners));
+    let admin_http_addr = match admin_http {
+        None => None,
+        Some(addr) => {
+            let listener = proxy::bind(addr).map_err(|source| StartError::AdminHttp { addr, source })?;
+            let bound = listener.local_addr().ok();
+            tasks.spawn(admin::http::serve(listener, ready.clone(), control.clone(), shutdown.clone()));
+            bound
+        }
+    };
 
     tasks.spawn(admin::serve(admin_listener, admin_socket.clone(), control.clone(), shutdown.clone()));
     let watcher = match &config_path {
@@ -88,7 +114,22 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
     let bound = *http_addr.lock().unwrap_or_else(|p| p.into_inner());
     tracing::info!(addr = ?bound, admin = %admin_socket.display(), %summary, "switchyard is serving");
 
-    Ok(Running { http_addr, table, admin_socket, control, shutdown, tasks, connections, _watcher: watcher })
+    ready.store(true, Ordering::Relaxed);
+    Ok(Running {
+        http_addr,
+        admin_http_addr,
+        ready,
+        accepting,
+        drain,
+        listeners: listener_tasks,
+        table,
+        admin_socket,
+        control,
+        shutdown,
+        tasks,
+        connections,
+        _watcher: watcher,
+    })
 }
 
 fn spawn_sighup(control: control::Handle, shutdown: CancellationToken, tasks: &TaskTracker) {
@@ -129,14 +170,48 @@ impl Running {
         self.control.send(command, actor).await
     }
 
-    /// Stops accepting and closes the admin socket. In-flight requests are cut; the
-    /// graceful sequence (readiness, delay, drain) is the shutdown issue's.
+    /// The admin HTTP address, when `admin.http` is set.
+    pub fn admin_http_addr(&self) -> Option<SocketAddr> {
+        self.admin_http_addr
+    }
+
+    /// The graceful shutdown sequence, as load balancers and clients expect it:
+    /// 1. `/readyz` answers 503 at once, while everything keeps serving;
+    /// 2. after `shutdown_delay`, the listeners stop accepting (queued connections are
+    ///    still taken in and served);
+    /// 3. every connection finishes what it is serving and closes (HTTP/1 responses carry
+    ///    `Connection: close`; h2 clients get GOAWAY);
+    /// 4. after at most `drain_timeout`, whatever is still open is cut.
     pub async fn shutdown(self) {
+        let defaults = self.table.load().defaults.clone();
+        self.ready.store(false, Ordering::Relaxed);
+        tracing::info!(delay = ?defaults.shutdown_delay, "shutting down: /readyz answers 503; still accepting during the delay");
+        tokio::time::sleep(defaults.shutdown_delay).await;
+        self.finish(defaults.drain_timeout).await;
+    }
+
+    /// Stops at once: no delay, no waiting for requests in flight.
+    pub async fn stop(self) {
+        self.ready.store(false, Ordering::Relaxed);
+        self.finish(Duration::ZERO).await;
+    }
+
+    async fn finish(self, drain_timeout: Duration) {
+        self.accepting.cancel();
+        self.listeners.close();
+        self.listeners.wait().await;
+        self.drain.cancel();
+        self.connections.close();
+        if !drain_timeout.is_zero() {
+            tracing::info!(connections = self.connections.len(), within = ?drain_timeout, "stopped accepting; draining connections");
+        }
+        if tokio::time::timeout(drain_timeout, self.connections.wait()).await.is_err() && !drain_timeout.is_zero() {
+            tracing::warn!(cut = self.connections.len(), "drain_timeout passed: cutting the connections still open");
+        }
         self.shutdown.cancel();
         self.tasks.close();
         self.tasks.wait().await;
-        self.connections.close();
-        tracing::info!("switchyard stopped accepting");
+        tracing::info!("switchyard stopped");
     }
 }
 
@@ -147,16 +222,15 @@ struct HttpListeners {
     configured: Option<SocketAddr>,
     current: Option<CancellationToken>,
     bound: Arc<Mutex<Option<SocketAddr>>>,
-    shutdown: CancellationToken,
+    accepting: CancellationToken,
     tasks: TaskTracker,
-    connections: TaskTracker,
 }
 
 impl HttpListeners {
     fn start(&mut self, configured: SocketAddr, listener: tokio::net::TcpListener) {
-        let stop = self.shutdown.child_token();
+        let stop = self.accepting.child_token();
         *self.bound.lock().unwrap_or_else(|p| p.into_inner()) = listener.local_addr().ok();
-        self.tasks.spawn(self.proxy.clone().serve(listener, stop.clone(), self.connections.clone()));
+        self.tasks.spawn(self.proxy.clone().serve(listener, stop.clone()));
         if let Some(old) = self.current.replace(stop) {
             old.cancel();
         }

@@ -130,8 +130,13 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
     runtime(config.runtime.worker_threads)?.block_on(async move {
         let running = switchyard::app::start(config, Some(path.to_path_buf())).await?;
         wait_for_signal().await?;
-        running.shutdown().await;
-        Ok(())
+        tokio::select! {
+            () = running.shutdown() => Ok(()),
+            second = wait_for_signal() => {
+                second?;
+                anyhow::bail!("second signal during shutdown: exiting at once, requests in flight are cut")
+            }
+        }
     })
 }
 

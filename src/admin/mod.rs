@@ -9,6 +9,7 @@
 //! [`Command`], which answers once the change is in force.
 
 pub mod ctl;
+pub mod http;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

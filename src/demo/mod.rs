@@ -79,7 +79,7 @@ pub async fn run(out: &mut impl Write) -> Result<(), DemoError> {
     for task in tasks {
         conversations.push(task.await.unwrap_or_else(|_| Conversation { failures: 1, ..Default::default() }));
     }
-    proxy.shutdown().await;
+    proxy.stop().await;
     let _ = std::fs::remove_dir_all(&run_dir);
 
     let mut by_version: BTreeMap<String, (usize, u64, u64)> = BTreeMap::new();

@@ -34,6 +34,8 @@ pub struct ConnShared {
     /// The connection became a tunnel (101): no more HTTP heads, no timers here; the
     /// tunnel has its own idle timeout.
     upgraded: AtomicBool,
+    /// switchyard is shutting down: HTTP/1 responses tell the client to close.
+    draining: AtomicBool,
 }
 
 impl ConnShared {
@@ -42,6 +44,14 @@ impl ConnShared {
         self.started.fetch_add(1, Ordering::Relaxed);
         self.active.fetch_add(1, Ordering::Relaxed);
         ActiveRequest(self.clone())
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// Marks the connection as a tunnel from now on.

@@ -45,10 +45,20 @@ use headers::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 /// the limit still reaches the handler and gets a 431 with a body naming the cause.
 const HEADER_SLACK: usize = 16 * 1024;
 
+/// When draining, how long an idle keep-alive connection may still bring one more request
+/// (answered with `Connection: close`) before it is closed. Closing it at once would race a
+/// client that is sending on it just then.
+const DRAIN_IDLE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The proxy: shared by every connection of every listener.
 #[derive(Debug)]
 pub struct Proxy {
     table: TableReader,
+    /// Every connection and tunnel, so that shutdown can wait for them.
+    connections: TaskTracker,
+    /// Cancelled when switchyard drains: connections finish what they serve and close
+    /// (`Connection: close` on HTTP/1, GOAWAY on h2).
+    drain: CancellationToken,
 }
 
 /// What a connection knows about its client, shared by its requests.
@@ -61,21 +71,20 @@ struct Client {
 }
 
 impl Proxy {
-    pub fn new(table: TableReader) -> Arc<Self> {
-        Arc::new(Proxy { table })
+    pub fn new(table: TableReader, connections: TaskTracker, drain: CancellationToken) -> Arc<Self> {
+        Arc::new(Proxy { table, connections, drain })
     }
 
-    /// Accepts connections until `shutdown` is cancelled; each connection runs on
-    /// `connections` so that shutdown can wait for them.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken, connections: TaskTracker) {
+    /// Accepts connections until `stop` is cancelled.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
         loop {
             let accepted = tokio::select! {
-                _ = shutdown.cancelled() => break,
+                _ = stop.cancelled() => break,
                 accepted = listener.accept() => accepted,
             };
             match accepted {
                 Ok((stream, peer)) => {
-                    connections.spawn(self.clone().serve_connection(stream, peer));
+                    self.connections.spawn(self.clone().serve_connection(stream, peer));
                 }
                 Err(e) => {
                     // Out of file descriptors or similar: back off briefly instead of
@@ -84,6 +93,11 @@ impl Proxy {
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             }
+        }
+        // Connections the kernel queued before we stopped would be reset when the
+        // listener closes: take them in and serve them (they will be told to close).
+        while let Ok(Ok((stream, peer))) = tokio::time::timeout(std::time::Duration::ZERO, listener.accept()).await {
+            self.connections.spawn(self.clone().serve_connection(stream, peer));
         }
     }
 
@@ -97,6 +111,8 @@ impl Proxy {
             Timeouts { idle: defaults.idle_timeout, header_read: defaults.header_read_timeout },
         );
         let ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        let drain = self.drain.clone();
+        let conn_shared = shared.clone();
         let client = Arc::new(Client { proxy: self, ip, shared });
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -111,12 +127,34 @@ impl Proxy {
             let client = client.clone();
             async move {
                 let active = client.shared.begin();
+                let http1 = req.version() < Version::HTTP_2;
                 let mut response = client.proxy.handle(req, &client).await;
+                if http1 && client.shared.draining() && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                    // hyper closes the connection after writing this response.
+                    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
                 response.body_mut().set_active(active);
                 Ok::<_, Infallible>(response)
             }
         });
-        if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(io), service).await {
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            result = conn.as_mut() => result,
+            _ = drain.cancelled() => {
+                // Busy clients learn of the shutdown from their next response; idle ones get a
+                // moment to send one before the connection is closed (GOAWAY on h2).
+                conn_shared.start_draining();
+                tokio::select! {
+                    result = conn.as_mut() => result,
+                    _ = tokio::time::sleep(DRAIN_IDLE_GRACE) => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                }
+            }
+        };
+        if let Err(e) = result {
             tracing::debug!(%peer, error = %e, "client connection ended with an error");
         }
     }
@@ -211,7 +249,7 @@ impl Proxy {
                 parts.headers.insert(header::UPGRADE, protocol);
             }
             client.shared.mark_upgraded();
-            tokio::spawn(tunnel::run(client_upgrade, server_upgrade, in_flight, limits.stream_idle_timeout));
+            self.connections.spawn(tunnel::run(client_upgrade, server_upgrade, in_flight, limits.stream_idle_timeout));
             return Ok(Response::from_parts(parts, ResponseBody::empty()));
         }
 

@@ -140,7 +140,7 @@ async fn live_splits_survive_a_restart() {
     let proxy = TestProxy::start_in(dir, &config, None).await;
     assert_eq!(admin(&proxy, "set-weights agent blue=0 green=100").await["ok"], true);
     let TestProxy { running, dir, .. } = proxy;
-    running.shutdown().await;
+    running.stop().await;
     assert!(state_dir.join("state").join("state.json").exists());
 
     let again = TestProxy::start_in(dir, &config, None).await;

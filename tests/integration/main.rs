@@ -9,5 +9,6 @@ mod headers;
 mod health;
 mod layout;
 mod routing;
+mod shutdown;
 mod streaming;
 mod support;

@@ -1,0 +1,63 @@
+//! The read-only admin HTTP listener: `/healthz` (the process is alive), `/readyz` (serving;
+//! 503 from the moment shutdown begins, so load balancers stop sending), and `/api/status`
+//! (the `status` answer as JSON).
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::control::{Actor, Command, Handle};
+
+/// Serves admin HTTP until `stop`.
+pub async fn serve(listener: TcpListener, ready: Arc<AtomicBool>, control: Handle, stop: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin HTTP accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (ready, control) = (ready.clone(), control.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |req| answer(req, ready.clone(), control.clone()));
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    ready: Arc<AtomicBool>,
+    control: Handle,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (status, content_type, body) = match req.uri().path() {
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        "/readyz" if ready.load(Ordering::Relaxed) => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "shutting down\n".to_string()),
+        "/api/status" => {
+            let status = control.send(Command::Status { route: None }, Actor::Switchyard).await;
+            (StatusCode::OK, "application/json", format!("{status}\n"))
+        }
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found: try /healthz, /readyz, /api/status\n".to_string()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    Ok(response)
+}
