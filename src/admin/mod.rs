@@ -110,8 +110,11 @@ async fn client(stream: UnixStream, control: Handle) {
             Some(refusal) => (refusal, true),
             None => match std::str::from_utf8(&line) {
                 Ok(text) if text.trim().is_empty() => continue,
-                Ok(text) => match parse(text) {
-                    Ok(command) => (control.send(command, actor.clone()).await, false),
+                Ok(text) => match parse_request(text) {
+                    Ok((command, None)) => (control.send(command, actor.clone()).await, false),
+                    Ok((command, Some(deadline))) => {
+                        (drain_and_wait(&control, command, actor.clone(), deadline).await, false)
+                    }
                     Err(e) => (failure(&e), false),
                 },
                 Err(_) => (failure("the request line is not UTF-8"), false),
@@ -125,8 +128,61 @@ async fn client(stream: UnixStream, control: Handle) {
     }
 }
 
-const USAGE: &str =
-    "verbs: status [ROUTE] | set-weights ROUTE BACKEND=PCT... | rollback ROUTE [REASON] | reload | events [N]";
+const USAGE: &str = "verbs: status [ROUTE] | set-weights ROUTE BACKEND=PCT... | rollback ROUTE [REASON] | reload | events [N] | drain TARGET [--deadline DUR] [--wait] | undrain TARGET";
+
+/// How long `drain --wait` waits without `--deadline`.
+const DEFAULT_DRAIN_WAIT: Duration = Duration::from_secs(30);
+
+/// `drain --wait`: drains, then answers when the target's in-flight count reaches 0 or the
+/// deadline passes. The waiting happens here, in this client's task: the control path
+/// answers every other command meanwhile.
+async fn drain_and_wait(control: &Handle, command: Command, actor: Actor, deadline: Duration) -> Value {
+    let Command::Drain { target } = &command else { return failure("only drain can wait") };
+    let target = target.clone();
+    let mut answer = control.send(command, actor).await;
+    if !is_ok(&answer) {
+        return answer;
+    }
+    let started = tokio::time::Instant::now();
+    let mut in_flight = answer["in_flight"].as_u64().unwrap_or(0);
+    while in_flight > 0 && started.elapsed() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let progress = control.send(Command::DrainProgress { target: target.clone() }, Actor::Switchyard).await;
+        in_flight = progress["in_flight"].as_u64().unwrap_or(0);
+    }
+    answer["in_flight"] = in_flight.into();
+    answer["waited_ms"] = (started.elapsed().as_millis() as u64).into();
+    answer["drained"] = (in_flight == 0).into();
+    answer
+}
+
+/// Parses a request line into a command, and for `drain --wait` the deadline to wait for.
+pub fn parse_request(line: &str) -> Result<(Command, Option<Duration>), String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.first() {
+        Some(&"drain") => {
+            let mut target = None;
+            let (mut wait, mut deadline) = (false, None);
+            let mut rest = words[1..].iter();
+            while let Some(word) = rest.next() {
+                match *word {
+                    "--wait" => wait = true,
+                    "--deadline" => {
+                        let d = rest.next().ok_or("--deadline needs a duration, e.g. 30s")?;
+                        deadline = Some(humantime::parse_duration(d).map_err(|e| format!("--deadline {d:?}: {e}"))?);
+                    }
+                    t if target.is_none() && !t.starts_with("--") => target = Some(t.to_string()),
+                    other => return Err(format!("unexpected {other:?}; {USAGE}")),
+                }
+            }
+            let target = target.ok_or("drain needs a TARGET: a backend name or host:port")?;
+            Ok((Command::Drain { target }, wait.then(|| deadline.unwrap_or(DEFAULT_DRAIN_WAIT))))
+        }
+        Some(&"undrain") if words.len() == 2 => Ok((Command::Undrain { target: words[1].to_string() }, None)),
+        Some(&"undrain") => Err("undrain needs one TARGET: a backend name or host:port".into()),
+        _ => parse(line).map(|c| (c, None)),
+    }
+}
 
 /// Parses a request line: the `ctl` verb and its words.
 pub fn parse(line: &str) -> Result<Command, String> {
@@ -202,6 +258,14 @@ mod tests {
         );
         assert_eq!(parse("events 5"), Ok(Command::Events { last: 5 }));
         assert_eq!(parse("reload"), Ok(Command::Reload));
+        assert_eq!(parse_request("drain blue"), Ok((Command::Drain { target: "blue".into() }, None)));
+        assert_eq!(
+            parse_request("drain 127.0.0.1:9001 --deadline 2s --wait"),
+            Ok((Command::Drain { target: "127.0.0.1:9001".into() }, Some(Duration::from_secs(2))))
+        );
+        assert_eq!(parse_request("undrain blue"), Ok((Command::Undrain { target: "blue".into() }, None)));
+        assert!(parse_request("drain").expect_err("refused").contains("needs a TARGET"));
+        assert!(parse_request("drain blue --deadline soon").expect_err("refused").contains("--deadline"));
     }
 
     #[test]

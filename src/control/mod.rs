@@ -30,11 +30,33 @@ use state::{Loaded, Shares, State, StateFile};
 /// socket, the config watcher, signals and (later) the rollout engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    Status { route: Option<String> },
-    SetWeights { route: String, split: Shares },
-    Rollback { route: String, reason: Option<String> },
+    Status {
+        route: Option<String>,
+    },
+    SetWeights {
+        route: String,
+        split: Shares,
+    },
+    Rollback {
+        route: String,
+        reason: Option<String>,
+    },
     Reload,
-    Events { last: usize },
+    Events {
+        last: usize,
+    },
+    /// Takes a backend (by name) or one server (`host:port`) out of rotation; requests in
+    /// flight run on.
+    Drain {
+        target: String,
+    },
+    Undrain {
+        target: String,
+    },
+    /// The in-flight count of a drain target's servers (for `drain --wait`).
+    DrainProgress {
+        target: String,
+    },
 }
 
 /// Binds and closes the proxy's listeners when the config's addresses change. Provided by
@@ -170,6 +192,14 @@ impl Control {
             Command::SetWeights { route, split } => self.set_weights(&route, split, &actor),
             Command::Rollback { route, reason } => self.rollback(&route, reason, &actor),
             Command::Reload => self.reload(&actor),
+            Command::Drain { target } => self.drain(&target, true, &actor),
+            Command::Undrain { target } => self.drain(&target, false, &actor),
+            Command::DrainProgress { target } => match self.drain_servers(&target) {
+                Ok(servers) => {
+                    json!({ "ok": true, "target": target, "in_flight": servers.iter().map(|s| s.in_flight()).sum::<u32>() })
+                }
+                Err(e) => failure(&e),
+            },
         }
     }
 
@@ -234,6 +264,59 @@ impl Control {
         }
     }
 
+    /// The live servers a drain target names: every server of a backend, or every server
+    /// with that address (in whichever backends list it).
+    fn drain_servers(&self, target: &str) -> Result<Vec<std::sync::Arc<crate::routes::Server>>, String> {
+        let table = self.table.current();
+        let servers: Vec<_> = match table.backend_index(target) {
+            Some(b) => table.backend(b).servers.to_vec(),
+            None => {
+                table.backends.iter().flat_map(|b| b.servers.iter()).filter(|s| &*s.label == target).cloned().collect()
+            }
+        };
+        if servers.is_empty() {
+            return Err(format!("{target:?} is neither a backend nor a server (host:port) of the running config"));
+        }
+        Ok(servers)
+    }
+
+    fn drain(&mut self, target: &str, drain: bool, actor: &Actor) -> Value {
+        let servers = match self.drain_servers(target) {
+            Ok(s) => s,
+            Err(e) => return failure(&e),
+        };
+        let changed =
+            if drain { self.state.drained.insert(target.to_string()) } else { self.state.drained.remove(target) };
+        self.apply_drains();
+        let in_flight: u32 = servers.iter().map(|s| s.in_flight()).sum();
+        let action = if drain { "drain" } else { "undrain" };
+        if changed {
+            self.persist();
+            self.events.record(
+                Event::new(actor, action, self.generation)
+                    .change(json!(!drain), json!(drain))
+                    .reason(format!("{target}: {in_flight} in flight")),
+            );
+        }
+        let list: Vec<Value> = servers
+            .iter()
+            .map(|s| json!({ "addr": &*s.label, "in_flight": s.in_flight(), "in_rotation": s.in_rotation() }))
+            .collect();
+        json!({ "ok": true, "generation": self.generation, "target": target, "draining": drain, "in_flight": in_flight, "servers": list })
+    }
+
+    /// Sets every live server's drain bit from the state: after a drain, and after every
+    /// swap (a reload may bring back a drained server).
+    fn apply_drains(&self) {
+        let table = self.table.current();
+        for backend in table.backends.iter() {
+            let whole = self.state.drained.contains(&*backend.name);
+            for server in backend.servers.iter() {
+                server.set_out(crate::routes::DRAINING, whole || self.state.drained.contains(&*server.label));
+            }
+        }
+    }
+
     /// Builds and stores a new table from the effective config; returns its generation.
     fn swap(&mut self) -> u64 {
         self.generation += 1;
@@ -241,6 +324,7 @@ impl Control {
         self.table.store(table);
         let table = self.table.current();
         self.servers.retain_in(&table);
+        self.apply_drains();
         if self.listeners.is_some() {
             // Running: probes follow the table. (Before `spawn` there is no runtime yet.)
             self.health.sync(&self.base, &table);
@@ -414,7 +498,7 @@ impl Control {
                         let servers: Vec<Value> = backend
                             .servers
                             .iter()
-                            .map(|s| json!({ "addr": &*s.label, "healthy": s.healthy(), "ejected": s.ejected(), "in_rotation": s.in_rotation(), "in_flight": s.in_flight() }))
+                            .map(|s| json!({ "addr": &*s.label, "healthy": s.healthy(), "ejected": s.ejected(), "draining": s.draining(), "in_rotation": s.in_rotation(), "in_flight": s.in_flight() }))
                             .collect();
                         json!({ "name": &*backend.name, "version": backend.version.as_deref(), "weight": percent(weight), "servers": servers })
                     })

@@ -21,6 +21,9 @@ pub type Shares = Vec<(String, BasisPoints)>;
 #[serde(deny_unknown_fields)]
 pub struct State {
     pub routes: BTreeMap<String, RouteState>,
+    /// Drained targets: backend names or `host:port`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub drained: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

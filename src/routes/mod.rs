@@ -84,6 +84,8 @@ pub const UNHEALTHY: u8 = 1;
 pub const DISABLED: u8 = 2;
 /// Ejected by passive outlier detection, for a back-off.
 pub const EJECTED: u8 = 4;
+/// Drained by the operator: no new requests, the ones in flight run on.
+pub const DRAINING: u8 = 8;
 
 impl Server {
     /// A server with a health check starts out of rotation until it has passed it.
@@ -127,6 +129,10 @@ impl Server {
         if out && before == 0 {
             self.pool.clear();
         }
+    }
+
+    pub fn draining(&self) -> bool {
+        self.out.load(Ordering::Relaxed) & DRAINING != 0
     }
 
     pub fn ejected(&self) -> bool {

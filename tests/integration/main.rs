@@ -4,6 +4,7 @@
 
 mod cli;
 mod control;
+mod drain;
 mod errors;
 mod headers;
 mod health;
