@@ -322,3 +322,80 @@ async fn a_configmap_style_symlink_swap_is_reloaded() {
     reloaded(&proxy, before).await;
     assert_eq!(probe(&proxy).await, "green");
 }
+
+/// Open streams and tunnels live on the snapshot they started with: 20 changes that move
+/// new traffic away from their backends cut neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_and_an_sse_stream_stay_open_across_reloads_and_weight_changes() {
+    use futures_util::{SinkExt, StreamExt};
+    use http_body_util::BodyExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let ws_addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_text() && ws.send(m).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let sse = TestServer::with_handler("sse", |_req| async {
+        let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+        tokio::spawn(async move {
+            for i in 0..40 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if tx.send(bytes::Bytes::from(format!("data: {i}\n\n"))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|b| (Ok(hyper::body::Frame::data(b)), rx))
+        });
+        http::Response::new(BodyExt::boxed(http_body_util::StreamBody::new(stream)))
+    })
+    .await;
+    let alt = TestServer::named("alt").await;
+    let routes = |ws_split: &str| {
+        format!(
+            "[backends.ws]\nservers = [\"{ws_addr}\"]\n{}{}\
+             [[routes]]\nname = \"ws\"\npath_prefix = \"/ws\"\nsplit = {{ {ws_split} }}\n\
+             [[routes]]\nname = \"sse\"\nsplit = {{ sse = 100, alt = 0 }}\nrequest_timeout = \"1m\"\n",
+            backend("sse", &[&sse]),
+            backend("alt", &[&alt])
+        )
+    };
+    let dir = TempDir::new();
+    let path = dir.path("switchyard.toml");
+    let proxy = TestProxy::start_in(TempDir::new(), &routes("ws = 100, alt = 0"), Some(path.clone())).await;
+
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(format!("ws://{}/ws", proxy.addr), stream).await.expect("upgrade");
+    let events = client().request(get(&proxy.url("/chat"))).await.expect("stream head").into_body();
+    let reading = tokio::spawn(async move {
+        let body = events.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok::<usize, String>(body.windows(2).filter(|w| w == b"\n\n").count())
+    });
+
+    let mut generation = generation(&admin(&proxy, "status").await);
+    for i in 0..20 {
+        if i % 2 == 0 {
+            let line = if i % 4 == 0 { "set-weights sse sse=0 alt=100" } else { "set-weights sse sse=100 alt=0" };
+            generation = self::generation(&admin(&proxy, line).await);
+        } else {
+            let split = if i % 4 == 1 { "ws = 0, alt = 100" } else { "ws = 100, alt = 0" };
+            std::fs::write(&path, full_config(&proxy.dir, &routes(split))).expect("rewrite");
+            generation = reloaded(&proxy, generation).await;
+        }
+        ws.send(Message::text(format!("still here {i}"))).await.expect("the tunnel is open");
+        assert_eq!(ws.next().await.expect("echo").expect("frame"), Message::text(format!("still here {i}")));
+    }
+    assert_eq!(reading.await.expect("task"), Ok(40), "every SSE event arrived and the stream ended cleanly");
+}
