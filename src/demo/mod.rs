@@ -2,9 +2,9 @@
 //!
 //! Two example agents (a stable version and a canary) run on loopback; switchyard stands in
 //! front of them with a 90/10 split and sticky conversations; simulated conversations
-//! stream SSE tokens and hold long-polls through it for a few seconds; then the demo prints
-//! what each version served and checks that no conversation changed version and nothing
-//! failed.
+//! stream SSE tokens and hold long-polls through it for a few seconds, and one stable
+//! server is drained mid-run; then the demo prints what each version served and checks
+//! that no conversation changed version and nothing failed.
 
 pub mod agent;
 
@@ -22,6 +22,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use agent::Agent;
+
+use crate::control::{Actor, Command};
 
 const STABLE: &str = "v1.0.0";
 const CANARY: &str = "v1.1.0";
@@ -57,15 +59,23 @@ struct Conversation {
 /// Runs the demo, writing its report to `out`.
 pub async fn run(out: &mut impl Write) -> Result<(), DemoError> {
     let stable = Agent::start(STABLE).await.map_err(DemoError::Agent)?;
+    let stable_2 = Agent::start(STABLE).await.map_err(DemoError::Agent)?;
     let canary = Agent::start(CANARY).await.map_err(DemoError::Agent)?;
     let run_dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
-    let config = crate::config::parse(&demo_config(stable.addr, canary.addr, &run_dir), "demo")?.config;
+    let config =
+        crate::config::parse(&demo_config([stable.addr, stable_2.addr], canary.addr, &run_dir), "demo")?.config;
     let proxy = crate::app::start(config, None).await?;
     let addr = proxy.http_addr().ok_or(crate::app::StartError::NoListener)?;
 
     let say = |out: &mut dyn Write, line: String| writeln!(out, "{line}").map_err(DemoError::Output);
     say(out, "switchyard demo".into())?;
-    say(out, format!("  stable agent {STABLE} on {}, canary agent {CANARY} on {}", stable.addr, canary.addr))?;
+    say(
+        out,
+        format!(
+            "  stable agents {STABLE} on {} and {}, canary agent {CANARY} on {}",
+            stable.addr, stable_2.addr, canary.addr
+        ),
+    )?;
     say(out, format!("  switchyard on {addr}: split stable 90 % / canary 10 %, sticky on {STICKY_HEADER}"))?;
     say(
         out,
@@ -75,6 +85,31 @@ pub async fn run(out: &mut impl Write) -> Result<(), DemoError> {
     let deadline = Instant::now() + TRAFFIC_FOR;
     let tasks: Vec<_> =
         (0..CONVERSATIONS).map(|i| tokio::spawn(converse(addr, format!("conv-{i:03}"), deadline))).collect();
+
+    // Halfway through, drain one stable server while conversations run on it.
+    tokio::time::sleep(TRAFFIC_FOR / 3).await;
+    let target = stable_2.addr.to_string();
+    let drained = proxy.command(Command::Drain { target: target.clone() }, Actor::Switchyard).await;
+    let mut counts = vec![drained["in_flight"].as_u64().unwrap_or(0)];
+    let drain_started = Instant::now();
+    while counts.last().is_some_and(|&n| n > 0) && drain_started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let progress = proxy.command(Command::DrainProgress { target: target.clone() }, Actor::Switchyard).await;
+        let n = progress["in_flight"].as_u64().unwrap_or(0);
+        if counts.last() != Some(&n) {
+            counts.push(n);
+        }
+    }
+    let trail: Vec<String> = counts.iter().map(u64::to_string).collect();
+    say(
+        out,
+        format!(
+            "  drained {target} mid-run: in flight {} (in {:?}); its conversations moved to the other stable server",
+            trail.join(" → "),
+            drain_started.elapsed()
+        ),
+    )?;
+
     let mut conversations = Vec::with_capacity(tasks.len());
     for task in tasks {
         conversations.push(task.await.unwrap_or_else(|_| Conversation { failures: 1, ..Default::default() }));
@@ -117,7 +152,8 @@ pub async fn run(out: &mut impl Write) -> Result<(), DemoError> {
     Ok(())
 }
 
-fn demo_config(stable: SocketAddr, canary: SocketAddr, run_dir: &std::path::Path) -> String {
+fn demo_config(stable: [SocketAddr; 2], canary: SocketAddr, run_dir: &std::path::Path) -> String {
+    let [stable, stable_2] = stable;
     let run = run_dir.display();
     format!(
         r#"
@@ -132,7 +168,7 @@ state_dir = "{run}/state"
 request_timeout = "10s"
 
 [backends.stable]
-servers = ["{stable}"]
+servers = ["{stable}", "{stable_2}"]
 version = "{STABLE}"
 
 [backends.canary]

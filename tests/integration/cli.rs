@@ -121,3 +121,18 @@ async fn run_serves_logs_json_and_stops_on_sigterm() {
     assert!(log.contains("SIGHUP: reloading the config"), "{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The demo is the README's first command: it must run clean on a bare machine.
+#[test]
+fn the_demo_runs_clean_and_shows_a_drain() {
+    let (code, out, err) = switchyard(&["demo"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("failed: 0"), "{out}");
+    assert!(out.contains("conversations that changed version: 0"), "{out}");
+    let drain = out.lines().find(|l| l.contains("drained")).unwrap_or_else(|| panic!("no drain line:\n{out}"));
+    assert!(
+        drain.contains("→ 0") || drain.contains("in flight 0"),
+        "the drained server's in-flight count reaches 0: {drain}"
+    );
+    assert!(out.contains("v1.0.0") && out.contains("v1.1.0"), "both versions served: {out}");
+}
