@@ -45,15 +45,29 @@ async fn reloaded(proxy: &TestProxy, after: u64) -> u64 {
     panic!("no reload within 4 s after generation {after}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn weight_changes_and_config_rewrites_under_load_lose_no_request() {
+/// A blue/green switchyard whose config file is watched. The file lives in a directory of
+/// its own: the watch covers that directory, and the proxy's state writes must not look
+/// like config edits.
+struct Watched {
+    blue: TestServer,
+    green: TestServer,
+    proxy: TestProxy,
+    path: std::path::PathBuf,
+    _config_dir: TempDir,
+}
+
+async fn watched(split: &str) -> Watched {
     let blue = TestServer::named("blue").await;
     let green = TestServer::named("green").await;
-    let dir = TempDir::new();
-    let path = dir.path("switchyard.toml");
-    let proxy =
-        TestProxy::start_in(TempDir::new(), &blue_green("blue = 50, green = 50")(&blue, &green), Some(path.clone()))
-            .await;
+    let config_dir = TempDir::new();
+    let path = config_dir.path("switchyard.toml");
+    let proxy = TestProxy::start_in(TempDir::new(), &blue_green(split)(&blue, &green), Some(path.clone())).await;
+    Watched { blue, green, proxy, path, _config_dir: config_dir }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weight_changes_and_config_rewrites_under_load_lose_no_request() {
+    let Watched { blue, green, proxy, path, _config_dir } = watched("blue = 50, green = 50").await;
     let load = Load::start(proxy.addr, 50);
 
     let mut last = 0;
@@ -100,13 +114,7 @@ async fn weight_changes_and_config_rewrites_under_load_lose_no_request() {
 
 #[tokio::test]
 async fn an_invalid_config_is_refused_and_the_old_split_keeps_serving() {
-    let blue = TestServer::named("blue").await;
-    let green = TestServer::named("green").await;
-    let dir = TempDir::new();
-    let path = dir.path("switchyard.toml");
-    let proxy =
-        TestProxy::start_in(TempDir::new(), &blue_green("blue = 100, green = 0")(&blue, &green), Some(path.clone()))
-            .await;
+    let Watched { blue: _blue, green, proxy, path, _config_dir } = watched("blue = 100, green = 0").await;
     let load = Load::start(proxy.addr, 10);
     let before = generation(&admin(&proxy, "status").await);
 
@@ -192,13 +200,7 @@ async fn a_stale_socket_is_replaced_and_a_live_one_is_not_stolen() {
 
 #[tokio::test]
 async fn events_name_their_actor() {
-    let blue = TestServer::named("blue").await;
-    let green = TestServer::named("green").await;
-    let dir = TempDir::new();
-    let path = dir.path("switchyard.toml");
-    let proxy =
-        TestProxy::start_in(TempDir::new(), &blue_green("blue = 100, green = 0")(&blue, &green), Some(path.clone()))
-            .await;
+    let Watched { blue: _blue, green: _green, proxy, path, _config_dir } = watched("blue = 100, green = 0").await;
     admin(&proxy, "set-weights agent blue=90 green=10").await;
     let g = generation(&admin(&proxy, "status").await);
     let edited =
@@ -267,13 +269,7 @@ async fn bad_requests_get_reasons_and_bad_clients_harm_no_one() {
 
 #[tokio::test]
 async fn a_new_listen_address_takes_effect_on_reload() {
-    let blue = TestServer::named("blue").await;
-    let green = TestServer::named("green").await;
-    let dir = TempDir::new();
-    let path = dir.path("switchyard.toml");
-    let proxy =
-        TestProxy::start_in(TempDir::new(), &blue_green("blue = 100, green = 0")(&blue, &green), Some(path.clone()))
-            .await;
+    let Watched { blue: _blue, green: _green, proxy, path, _config_dir } = watched("blue = 100, green = 0").await;
     let old = proxy.addr;
     let new = dead_addr().await;
     let text = std::fs::read_to_string(&path).expect("read").replace("127.0.0.1:0", &new.to_string());
