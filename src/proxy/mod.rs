@@ -116,10 +116,11 @@ impl Proxy {
         let client = Arc::new(Client { proxy: self, ip, shared });
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
+        // hyper's default of 100 headers stays: a larger max_headers makes it heap-allocate
+        // two arrays of that size for every request it parses.
         builder
             .http1()
             .max_buf_size((defaults.max_request_header_bytes + HEADER_SLACK).max(8192))
-            .max_headers(1000)
             .header_read_timeout(None);
         builder.http2().max_header_list_size((defaults.max_request_header_bytes + HEADER_SLACK) as u32);
 
