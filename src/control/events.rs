@@ -12,6 +12,8 @@ use serde_json::Value;
 
 /// Entries `events N` can return.
 const KEPT: usize = 1000;
+/// Past this size the log is rotated to `events.jsonl.1` (one old generation is kept).
+const ROTATE_AT: u64 = 10 << 20;
 
 /// Who made a change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,7 +99,8 @@ pub struct EventLog {
 }
 
 impl EventLog {
-    /// Opens the log in `state_dir`, reading back its last entries.
+    /// Opens the log in `state_dir`, reading back its last entries (the file is rotated
+    /// at 10 MiB, so this read is bounded).
     pub fn open(state_dir: &Path) -> Self {
         let path = state_dir.join("events.jsonl");
         let mut recent = VecDeque::with_capacity(KEPT);
@@ -137,6 +140,9 @@ impl EventLog {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)?;
         }
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.len() >= ROTATE_AT) {
+            std::fs::rename(&self.path, self.path.with_extension("jsonl.1"))?;
+        }
         let mut line = serde_json::to_vec(event)?;
         line.push(b'\n');
         std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?.write_all(&line)
@@ -145,5 +151,30 @@ impl EventLog {
     /// The last `n` events, oldest first.
     pub fn last(&self, n: usize) -> Vec<Event> {
         self.recent.iter().skip(self.recent.len().saturating_sub(n)).cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_rotates_and_recent_events_survive_a_reopen() {
+        let dir = std::env::temp_dir().join(format!("switchyard-events-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        // A log already at the rotation size.
+        let filler = vec![b'\n'; ROTATE_AT as usize];
+        std::fs::write(dir.join("events.jsonl"), &filler).expect("write");
+        let mut log = EventLog::open(&dir);
+        for i in 0..3 {
+            log.record(Event::new(&Actor::Config, "reload", i));
+        }
+        assert_eq!(std::fs::metadata(dir.join("events.jsonl.1")).expect("rotated").len(), ROTATE_AT);
+        let reopened = EventLog::open(&dir);
+        let last = reopened.last(10);
+        assert_eq!(last.iter().map(|e| e.generation).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(last[0].actor, "config");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
