@@ -23,7 +23,7 @@ pub type BasisPoints = u32;
 pub const ALL: BasisPoints = 10_000;
 
 /// A validated configuration. Every name it refers to exists, every split sums to 100 %.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub listen: Listen,
     pub runtime: Runtime,

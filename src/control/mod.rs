@@ -142,7 +142,7 @@ impl Control {
             reloads: Reloads::default(),
             health: Default::default(),
         };
-        control.reconcile(&control.base.clone());
+        control.reconcile();
         control.drop_invalid_state();
         let restored: Vec<String> =
             control.state.routes.iter().filter(|(_, r)| r.split.is_some()).map(|(n, _)| n.clone()).collect();
@@ -221,7 +221,8 @@ impl Control {
 
     /// Drops live splits the file has overtaken: the route or a backend is gone, or the
     /// file's split for the route was edited since the override was made.
-    fn reconcile(&mut self, base: &Config) {
+    fn reconcile(&mut self) {
+        let base = &self.base;
         self.state.routes.retain(|name, route| {
             let Some(spec) = base.routes.iter().find(|r| &r.name == name) else { return false };
             let edited = route.file_split.as_ref().is_some_and(|f| *f != spec.split);
@@ -432,17 +433,10 @@ impl Control {
         };
         let checked = match config::load(&path) {
             Ok(c) => c,
-            Err(errors) => {
-                let error = errors.to_string();
-                tracing::warn!(%actor, errors = %error, "config refused; the running config stays");
-                self.last_reload_error = Some(error.clone());
-                self.reloads.refused += 1;
-                self.events.record(Event::new(actor, "reload-refused", self.generation).reason(error.clone()));
-                return json!({ "ok": false, "error": error, "generation": self.generation });
-            }
+            Err(errors) => return self.refuse_reload(actor, errors.to_string()),
         };
         let new = checked.config;
-        if config_eq(&new, &self.base) {
+        if new == self.base {
             self.last_reload_error = None;
             return json!({ "ok": true, "generation": self.generation, "changes": [] });
         }
@@ -450,22 +444,17 @@ impl Control {
         let old_splits: BTreeMap<String, Shares> =
             self.base.routes.iter().filter_map(|r| Some((r.name.clone(), self.split_of(&r.name)?))).collect();
         let (old_base, old_state) = (std::mem::replace(&mut self.base, new), self.state.clone());
-        self.reconcile(&self.base.clone());
+        self.reconcile();
         let listen = self.effective().listen;
         if let Err(e) = self.listeners.as_mut().map_or(Ok(()), |l| l.update(&listen)) {
             self.base = old_base;
             self.state = old_state;
-            let error = format!("{}: {e}", path.display());
-            self.last_reload_error = Some(error.clone());
-            self.reloads.refused += 1;
-            self.events.record(Event::new(actor, "reload-refused", self.generation).reason(error.clone()));
-            return json!({ "ok": false, "error": error, "generation": self.generation });
+            return self.refuse_reload(actor, format!("{}: {e}", path.display()));
         }
         // A route whose split the reload changed can be rolled back to the split before.
-        for route in self.base.routes.clone() {
-            let now = self.split_of(&route.name);
-            if let Some(old) = old_splits.get(&route.name).filter(|old| Some(*old) != now.as_ref()) {
-                self.state.routes.entry(route.name.clone()).or_default().previous = Some(old.clone());
+        for (name, old) in old_splits {
+            if self.split_of(&name).is_some_and(|now| now != old) {
+                self.state.routes.entry(name).or_default().previous = Some(old);
             }
         }
         let generation = self.swap();
@@ -474,6 +463,16 @@ impl Control {
         self.reloads.ok += 1;
         self.events.record(Event::new(actor, "reload", generation).change(Value::Null, json!(changes)));
         json!({ "ok": true, "generation": generation, "changes": changes })
+    }
+
+    /// A reload that did not happen: logged, counted, shown in `status`, an event, and the
+    /// answer; the running config stays.
+    fn refuse_reload(&mut self, actor: &Actor, error: String) -> Value {
+        tracing::warn!(%actor, errors = %error, "config refused; the running config stays");
+        self.last_reload_error = Some(error.clone());
+        self.reloads.refused += 1;
+        self.events.record(Event::new(actor, "reload-refused", self.generation).reason(error.clone()));
+        json!({ "ok": false, "error": error, "generation": self.generation })
     }
 
     fn status(&self, only: Option<&str>) -> Value {
@@ -542,15 +541,6 @@ fn shares_json(shares: Option<&[(String, BasisPoints)]>) -> Value {
             Value::Object(s.iter().map(|(b, w)| (b.clone(), json!(percent(*w)))).collect::<Map<String, Value>>())
         }
     }
-}
-
-fn config_eq(a: &Config, b: &Config) -> bool {
-    a.listen == b.listen
-        && a.runtime == b.runtime
-        && a.admin == b.admin
-        && a.defaults == b.defaults
-        && a.backends == b.backends
-        && a.routes == b.routes
 }
 
 /// What a reload changes, in words an operator reads in an event.

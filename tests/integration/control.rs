@@ -101,14 +101,7 @@ async fn weight_changes_and_config_rewrites_under_load_lose_no_request() {
         assert_eq!(probe(&proxy).await, expect, "the request after rewrite {i} did not follow it");
     }
 
-    let (ok, failures) = load.stop().await;
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests failed, e.g. {:?}",
-        failures.len(),
-        ok + failures.len() as u64,
-        &failures[..failures.len().min(3)]
-    );
+    let ok = load.stop_expecting_no_failures().await;
     assert!(ok > 1000, "the load ran ({ok} requests)");
 }
 
@@ -133,8 +126,8 @@ async fn an_invalid_config_is_refused_and_the_old_split_keeps_serving() {
     for _ in 0..20 {
         assert_eq!(probe(&proxy).await, "blue");
     }
-    let (ok, failures) = load.stop().await;
-    assert!(failures.is_empty() && ok > 0, "{failures:?}");
+    let ok = load.stop_expecting_no_failures().await;
+    assert!(ok > 0);
     assert_eq!(green.request_count(), 0);
 }
 

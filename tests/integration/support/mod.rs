@@ -310,6 +310,20 @@ impl Load {
         Load { stop, tasks }
     }
 
+    /// Stops the clients and fails the test if any request failed; returns how many
+    /// succeeded.
+    pub async fn stop_expecting_no_failures(self) -> u64 {
+        let (ok, failures) = self.stop().await;
+        assert!(
+            failures.is_empty(),
+            "{} of {} requests failed, e.g. {:?}",
+            failures.len(),
+            ok + failures.len() as u64,
+            &failures[..failures.len().min(3)]
+        );
+        ok
+    }
+
     /// Stops the clients: (requests that succeeded, every failure).
     pub async fn stop(self) -> (u64, Vec<String>) {
         self.stop.cancel();
