@@ -544,7 +544,7 @@ fn shares_json(shares: Option<&[(String, BasisPoints)]>) -> Value {
 }
 
 /// What a reload changes, in words an operator reads in an event.
-pub fn diff(old: &Config, new: &Config) -> Vec<String> {
+fn diff(old: &Config, new: &Config) -> Vec<String> {
     let mut out = Vec::new();
     if old.listen != new.listen {
         out.push(format!("listen: {:?} -> {:?}", old.listen.http, new.listen.http));

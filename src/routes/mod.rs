@@ -302,10 +302,6 @@ impl Route {
     pub fn members(&self) -> &[usize] {
         &self.members
     }
-
-    pub fn path_prefix(&self) -> &str {
-        &self.path_prefix
-    }
 }
 
 impl Backend {

@@ -87,10 +87,6 @@ impl Pool {
         let drained = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
         drop(drained);
     }
-
-    pub fn idle_count(&self) -> usize {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
 }
 
 /// Waits until a pooled connection can take a request: at once nearly always, else the
