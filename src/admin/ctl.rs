@@ -58,6 +58,7 @@ pub fn render(verb: &str, answer: &Value) -> String {
                 }
             }
         }
+        "drain" | "undrain" => drain(answer, &mut out),
         _ => {
             let _ = writeln!(
                 out,
@@ -117,6 +118,27 @@ fn status(answer: &Value, out: &mut String) {
                 );
             }
         }
+    }
+}
+
+fn drain(answer: &Value, out: &mut String) {
+    let verb = if answer["draining"].as_bool() == Some(true) { "draining" } else { "back in rotation" };
+    let _ = write!(out, "ok: {} {verb} (generation {})", text(&answer["target"]), answer["generation"]);
+    if let Some(ms) = answer["deadline_ms"].as_u64() {
+        let _ = write!(out, ", deadline {ms} ms");
+    }
+    let _ = writeln!(out);
+    if let Some(ms) = answer["waited_ms"].as_u64() {
+        let done = if answer["drained"].as_bool() == Some(true) { "drained" } else { "still in flight" };
+        let _ = writeln!(out, "  after {ms} ms: {done}");
+    }
+    let _ = writeln!(
+        out,
+        "  in flight {}  replayed {}  ended {}  cut {}",
+        answer["in_flight"], answer["replayed"], answer["ended"], answer["cut"]
+    );
+    for server in answer["servers"].as_array().into_iter().flatten() {
+        let _ = writeln!(out, "  {:<22} in flight {}", text(&server["addr"]), server["in_flight"]);
     }
 }
 

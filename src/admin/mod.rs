@@ -133,26 +133,31 @@ const USAGE: &str = "verbs: status [ROUTE] | set-weights ROUTE BACKEND=PCT... | 
 /// How long `drain --wait` waits without `--deadline`.
 const DEFAULT_DRAIN_WAIT: Duration = Duration::from_secs(30);
 
-/// `drain --wait`: drains, then answers when the target's in-flight count reaches 0 or the
-/// deadline passes. The waiting happens here, in this client's task: the control path
-/// answers every other command meanwhile.
-async fn drain_and_wait(control: &Handle, command: Command, actor: Actor, deadline: Duration) -> Value {
-    let Command::Drain { target } = &command else { return failure("only drain can wait") };
+/// With `--deadline`, how long `--wait` allows beyond the deadline and the grace an event
+/// stream has to reach its boundary, for the last cut requests to leave.
+const WAIT_SLACK: Duration = Duration::from_secs(1);
+
+/// `drain --wait`: drains, then answers when the target's in-flight count reaches 0 or
+/// `limit` passes, with what the deadline replayed, ended and cut. The waiting happens
+/// here, in this client's task: the control path answers every other command meanwhile.
+async fn drain_and_wait(control: &Handle, command: Command, actor: Actor, limit: Duration) -> Value {
+    let Command::Drain { target, .. } = &command else { return failure("only drain can wait") };
     let target = target.clone();
     let mut answer = control.send(command, actor).await;
     if !is_ok(&answer) {
         return answer;
     }
     let started = tokio::time::Instant::now();
-    let mut in_flight = answer["in_flight"].as_u64().unwrap_or(0);
-    while in_flight > 0 && started.elapsed() < deadline {
+    let mut progress = answer.clone();
+    while progress["in_flight"].as_u64().unwrap_or(0) > 0 && started.elapsed() < limit {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let progress = control.send(Command::DrainProgress { target: target.clone() }, Actor::Switchyard).await;
-        in_flight = progress["in_flight"].as_u64().unwrap_or(0);
+        progress = control.send(Command::DrainProgress { target: target.clone() }, Actor::Switchyard).await;
     }
-    answer["in_flight"] = in_flight.into();
+    for key in ["in_flight", "replayed", "ended", "cut", "servers"] {
+        answer[key] = progress[key].clone();
+    }
     answer["waited_ms"] = (started.elapsed().as_millis() as u64).into();
-    answer["drained"] = (in_flight == 0).into();
+    answer["drained"] = (progress["in_flight"].as_u64() == Some(0)).into();
     answer
 }
 
@@ -176,7 +181,9 @@ pub fn parse_request(line: &str) -> Result<(Command, Option<Duration>), String> 
                 }
             }
             let target = target.ok_or("drain needs a TARGET: a backend name or host:port")?;
-            Ok((Command::Drain { target }, wait.then(|| deadline.unwrap_or(DEFAULT_DRAIN_WAIT))))
+            // With a deadline, waiting ends once the deadline has dealt with what was left.
+            let limit = deadline.map_or(DEFAULT_DRAIN_WAIT, |d| d + crate::proxy::END_GRACE + WAIT_SLACK);
+            Ok((Command::Drain { target, deadline }, wait.then_some(limit)))
         }
         Some(&"undrain") if words.len() == 2 => Ok((Command::Undrain { target: words[1].to_string() }, None)),
         Some(&"undrain") => Err("undrain needs one TARGET: a backend name or host:port".into()),
@@ -258,10 +265,18 @@ mod tests {
         );
         assert_eq!(parse("events 5"), Ok(Command::Events { last: 5 }));
         assert_eq!(parse("reload"), Ok(Command::Reload));
-        assert_eq!(parse_request("drain blue"), Ok((Command::Drain { target: "blue".into() }, None)));
+        assert_eq!(parse_request("drain blue"), Ok((Command::Drain { target: "blue".into(), deadline: None }, None)));
         assert_eq!(
             parse_request("drain 127.0.0.1:9001 --deadline 2s --wait"),
-            Ok((Command::Drain { target: "127.0.0.1:9001".into() }, Some(Duration::from_secs(2))))
+            Ok((
+                Command::Drain { target: "127.0.0.1:9001".into(), deadline: Some(Duration::from_secs(2)) },
+                Some(Duration::from_secs(2) + crate::proxy::END_GRACE + WAIT_SLACK)
+            ))
+        );
+        assert_eq!(
+            parse_request("drain blue --deadline 500ms"),
+            Ok((Command::Drain { target: "blue".into(), deadline: Some(Duration::from_millis(500)) }, None)),
+            "a deadline applies without --wait too"
         );
         assert_eq!(parse_request("undrain blue"), Ok((Command::Undrain { target: "blue".into() }, None)));
         assert!(parse_request("drain").expect_err("refused").contains("needs a TARGET"));

@@ -15,8 +15,9 @@ pub mod events;
 pub mod state;
 pub mod watch;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -46,14 +47,22 @@ pub enum Command {
         last: usize,
     },
     /// Takes a backend (by name) or one server (`host:port`) out of rotation; requests in
-    /// flight run on.
+    /// flight run on, until `deadline` if one is given: then they are replayed elsewhere,
+    /// ended at a clean boundary, or cut.
     Drain {
         target: String,
+        deadline: Option<Duration>,
+    },
+    /// A drain's deadline has passed (sent by the drain's own timer).
+    DrainDeadline {
+        target: String,
+        serial: u64,
     },
     Undrain {
         target: String,
     },
-    /// The in-flight count of a drain target's servers (for `drain --wait`).
+    /// The in-flight count of a drain target's servers and what its deadline did to them
+    /// (for `drain --wait`).
     DrainProgress {
         target: String,
     },
@@ -67,10 +76,12 @@ pub trait Listeners: Send {
     fn update(&mut self, listen: &Listen) -> Result<(), String>;
 }
 
+type Request = (Command, Actor, oneshot::Sender<Value>);
+
 /// A way to send commands to the running control task.
 #[derive(Debug, Clone)]
 pub struct Handle {
-    tx: mpsc::Sender<(Command, Actor, oneshot::Sender<Value>)>,
+    tx: mpsc::Sender<Request>,
 }
 
 impl Handle {
@@ -100,6 +111,13 @@ pub struct Control {
     last_reload_error: Option<String>,
     reloads: Reloads,
     health: crate::health::HealthChecks,
+    /// For timers that report back (drain deadlines); weak, so that the loop still ends
+    /// when the last real [`Handle`] goes.
+    own: Option<mpsc::WeakSender<Request>>,
+    /// The drain deadline armed for each target, by serial: an undrain or a new drain
+    /// disarms the old timer.
+    deadlines: HashMap<String, u64>,
+    drain_serial: u64,
 }
 
 /// Reloads counted since start.
@@ -141,6 +159,9 @@ impl Control {
             last_reload_error: None,
             reloads: Reloads::default(),
             health: Default::default(),
+            own: None,
+            deadlines: HashMap::new(),
+            drain_serial: 0,
         };
         control.reconcile();
         control.drop_invalid_state();
@@ -167,7 +188,8 @@ impl Control {
     pub fn spawn(mut self, listeners: Box<dyn Listeners>) -> Handle {
         self.listeners = Some(listeners);
         self.health.sync(&self.base, &self.table.current());
-        let (tx, mut rx) = mpsc::channel::<(Command, Actor, oneshot::Sender<Value>)>(64);
+        let (tx, mut rx) = mpsc::channel::<Request>(64);
+        self.own = Some(tx.downgrade());
         // Listener changes spawn accept loops onto the proxy's runtime.
         let runtime = tokio::runtime::Handle::current();
         let spawned = std::thread::Builder::new().name("switchyard-control".into()).spawn(move || {
@@ -192,12 +214,11 @@ impl Control {
             Command::SetWeights { route, split } => self.set_weights(&route, split, &actor),
             Command::Rollback { route, reason } => self.rollback(&route, reason, &actor),
             Command::Reload => self.reload(&actor),
-            Command::Drain { target } => self.drain(&target, true, &actor),
-            Command::Undrain { target } => self.drain(&target, false, &actor),
+            Command::Drain { target, deadline } => self.drain(&target, Some(deadline), &actor),
+            Command::Undrain { target } => self.drain(&target, None, &actor),
+            Command::DrainDeadline { target, serial } => self.drain_deadline(&target, serial),
             Command::DrainProgress { target } => match self.drain_servers(&target) {
-                Ok(servers) => {
-                    json!({ "ok": true, "target": target, "in_flight": servers.iter().map(|s| s.in_flight()).sum::<u32>() })
-                }
+                Ok(servers) => drain_progress(&target, &servers),
                 Err(e) => failure(&e),
             },
         }
@@ -281,29 +302,82 @@ impl Control {
         Ok(servers)
     }
 
-    fn drain(&mut self, target: &str, drain: bool, actor: &Actor) -> Value {
+    /// Drains `target` (`Some(deadline)`) or returns it to rotation (`None`).
+    fn drain(&mut self, target: &str, drain: Option<Option<Duration>>, actor: &Actor) -> Value {
         let servers = match self.drain_servers(target) {
             Ok(s) => s,
             Err(e) => return failure(&e),
         };
-        let changed =
-            if drain { self.state.drained.insert(target.to_string()) } else { self.state.drained.remove(target) };
+        let changed = match drain {
+            Some(_) => self.state.drained.insert(target.to_string()),
+            None => self.state.drained.remove(target),
+        };
         self.apply_drains();
+        // Whatever deadline was armed for the target no longer applies.
+        self.deadlines.remove(target);
+        let deadline = drain.flatten();
+        if let Some(after) = deadline {
+            self.arm_deadline(target, after);
+        }
         let in_flight: u32 = servers.iter().map(|s| s.in_flight()).sum();
-        let action = if drain { "drain" } else { "undrain" };
-        if changed {
+        let action = if drain.is_some() { "drain" } else { "undrain" };
+        let was_drained = if drain.is_some() { !changed } else { changed };
+        if changed || deadline.is_some() {
             self.persist();
+            let mut reason = format!("{target}: {in_flight} in flight");
+            if let Some(after) = deadline {
+                reason.push_str(&format!(", deadline {}", humantime::format_duration(after)));
+            }
             self.events.record(
                 Event::new(actor, action, self.generation)
-                    .change(json!(!drain), json!(drain))
-                    .reason(format!("{target}: {in_flight} in flight")),
+                    .change(json!(was_drained), json!(drain.is_some()))
+                    .reason(reason),
             );
         }
-        let list: Vec<Value> = servers
-            .iter()
-            .map(|s| json!({ "addr": &*s.label, "in_flight": s.in_flight(), "in_rotation": s.in_rotation() }))
-            .collect();
-        json!({ "ok": true, "generation": self.generation, "target": target, "draining": drain, "in_flight": in_flight, "servers": list })
+        let mut answer = drain_progress(target, &servers);
+        answer["generation"] = self.generation.into();
+        answer["draining"] = drain.is_some().into();
+        if let Some(after) = deadline {
+            answer["deadline_ms"] = (after.as_millis() as u64).into();
+        }
+        answer
+    }
+
+    /// Starts the timer of a drain's deadline; it reports back as [`Command::DrainDeadline`].
+    fn arm_deadline(&mut self, target: &str, after: Duration) {
+        let Some(own) = self.own.clone() else {
+            tracing::warn!(%target, "drain deadline ignored: the control loop is not running");
+            return;
+        };
+        self.drain_serial += 1;
+        let serial = self.drain_serial;
+        self.deadlines.insert(target.to_string(), serial);
+        let target = target.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let Some(tx) = own.upgrade() else { return };
+            let (reply, _) = oneshot::channel();
+            let _ = tx.send((Command::DrainDeadline { target, serial }, Actor::Switchyard, reply)).await;
+        });
+    }
+
+    /// A drain's deadline passed: what still runs on its servers is cut over.
+    fn drain_deadline(&mut self, target: &str, serial: u64) -> Value {
+        if self.deadlines.get(target) != Some(&serial) {
+            // Undrained, or drained again with another deadline, since it was armed.
+            return json!({ "ok": true, "target": target, "disarmed": true });
+        }
+        self.deadlines.remove(target);
+        let servers = match self.drain_servers(target) {
+            Ok(s) => s,
+            Err(e) => return failure(&e),
+        };
+        let in_flight: u32 = servers.iter().filter(|s| s.draining()).map(|s| s.cut_in_flight()).sum();
+        tracing::info!(%target, in_flight, "drain deadline passed: replaying, ending and cutting what is still in flight");
+        self.events.record(Event::new(&Actor::Switchyard, "drain-deadline", self.generation).reason(format!(
+            "{target}: {in_flight} in flight at the deadline: idempotent requests waiting for a response are replayed, event streams end between events, WebSockets get close 1001, the rest is cut"
+        )));
+        json!({ "ok": true, "target": target, "in_flight": in_flight })
     }
 
     /// Sets every live server's drain bit from the state: after a drain, and after every
@@ -497,7 +571,14 @@ impl Control {
                         let servers: Vec<Value> = backend
                             .servers
                             .iter()
-                            .map(|s| json!({ "addr": &*s.label, "healthy": s.healthy(), "ejected": s.ejected(), "draining": s.draining(), "in_rotation": s.in_rotation(), "in_flight": s.in_flight() }))
+                            .map(|s| {
+                                let mut server = json!({ "addr": &*s.label, "healthy": s.healthy(), "ejected": s.ejected(), "draining": s.draining(), "in_rotation": s.in_rotation(), "in_flight": s.in_flight() });
+                                if s.draining() {
+                                    let (replayed, ended, cut) = s.drained.counts();
+                                    server["drain"] = json!({ "replayed": replayed, "ended": ended, "cut": cut });
+                                }
+                                server
+                            })
                             .collect();
                         json!({ "name": &*backend.name, "version": backend.version.as_deref(), "weight": percent(weight), "servers": servers })
                     })
@@ -525,6 +606,28 @@ fn nonzero(split: &Shares) -> Shares {
 }
 
 /// `{"ok": false, "error": ...}`
+/// A drain target's in-flight count and what its deadline did, summed over its servers.
+fn drain_progress(target: &str, servers: &[std::sync::Arc<crate::routes::Server>]) -> Value {
+    let (mut replayed, mut ended, mut cut) = (0, 0, 0);
+    for server in servers {
+        let (r, e, c) = server.drained.counts();
+        (replayed, ended, cut) = (replayed + r, ended + e, cut + c);
+    }
+    let list: Vec<Value> = servers
+        .iter()
+        .map(|s| json!({ "addr": &*s.label, "in_flight": s.in_flight(), "in_rotation": s.in_rotation() }))
+        .collect();
+    json!({
+        "ok": true,
+        "target": target,
+        "in_flight": servers.iter().map(|s| s.in_flight()).sum::<u32>(),
+        "replayed": replayed,
+        "ended": ended,
+        "cut": cut,
+        "servers": list,
+    })
+}
+
 pub fn failure(error: &str) -> Value {
     json!({ "ok": false, "error": error })
 }

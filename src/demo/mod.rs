@@ -89,7 +89,7 @@ pub async fn run(out: &mut impl Write) -> Result<(), DemoError> {
     // Halfway through, drain one stable server while conversations run on it.
     tokio::time::sleep(TRAFFIC_FOR / 3).await;
     let target = stable_2.addr.to_string();
-    let drained = proxy.command(Command::Drain { target: target.clone() }, Actor::Switchyard).await;
+    let drained = proxy.command(Command::Drain { target: target.clone(), deadline: None }, Actor::Switchyard).await;
     let mut counts = vec![drained["in_flight"].as_u64().unwrap_or(0)];
     let drain_started = Instant::now();
     while counts.last().is_some_and(|&n| n > 0) && drain_started.elapsed() < Duration::from_secs(10) {

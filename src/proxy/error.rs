@@ -31,6 +31,8 @@ pub enum ProxyError {
     UnaskedUpgrade { route: Arc<str>, backend: Arc<str> },
     #[error("backend {backend:?} of route {route:?}: server {server} sent no response head within {after:?}")]
     Timeout { route: Arc<str>, backend: Arc<str>, server: Arc<str>, after: Duration },
+    #[error("backend {backend:?} of route {route:?}: server {server} was drained and its deadline passed before it answered{why}")]
+    DrainCut { route: Arc<str>, backend: Arc<str>, server: Arc<str>, why: &'static str },
 }
 
 impl ProxyError {
@@ -40,7 +42,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) | ProxyError::BadPath(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
-            ProxyError::NoServer { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoServer { .. } | ProxyError::DrainCut { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::UnaskedUpgrade { .. } => {
                 StatusCode::BAD_GATEWAY
             }

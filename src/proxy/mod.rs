@@ -10,6 +10,7 @@
 //! This module reads the table and never writes it; it knows nothing of the control path.
 
 mod body;
+mod boundary;
 mod conn;
 mod error;
 mod headers;
@@ -22,7 +23,8 @@ use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -31,12 +33,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use body::{BodyError, ResponseBody};
+pub use body::{BodyError, ResponseBody, END_GRACE};
 pub use error::ProxyError;
 pub use listener::bind;
 
 use crate::config::Sticky;
-use crate::routes::{self, Backend, InFlight, Route, Server, Table, TableReader};
+use crate::routes::{self, Backend, DrainOutcome, InFlight, Route, Server, Table, TableReader};
 use crate::upstream::{self, RequestBody, Sender};
 use conn::{ClientIo, ConnShared, Timeouts};
 use headers::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
@@ -250,7 +252,14 @@ impl Proxy {
                 parts.headers.insert(header::UPGRADE, protocol);
             }
             client.shared.mark_upgraded();
-            self.connections.spawn(tunnel::run(client_upgrade, server_upgrade, in_flight, limits.stream_idle_timeout));
+            let websocket = protocol_is(&upgrade, "websocket");
+            self.connections.spawn(tunnel::run(
+                client_upgrade,
+                server_upgrade,
+                in_flight,
+                limits.stream_idle_timeout,
+                websocket,
+            ));
             return Ok(Response::from_parts(parts, ResponseBody::empty()));
         }
 
@@ -262,13 +271,20 @@ impl Proxy {
         // A connection that was offered an upgrade and declined it is not reused: its
         // state is whatever the server made of the offer.
         let reusable = if upgrade.is_none() { Some(connection) } else { None };
-        Ok(Response::from_parts(parts, ResponseBody::upstream(body, reusable, in_flight, limits.stream_idle_timeout)))
+        let event_stream = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|t| t.as_bytes().get(..17).is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream")));
+        let body = ResponseBody::upstream(body, reusable, in_flight, limits.stream_idle_timeout, event_stream);
+        Ok(Response::from_parts(parts, body))
     }
 }
 
 /// Sends `req` to `server`, on a pooled connection if one is idle. A connect failure,
 /// which happens before any byte of the request is sent, is retried once on another
-/// server of the same backend; a pooled connection found closed is replaced.
+/// server of the same backend; a pooled connection found closed is replaced. A drain
+/// deadline that passes while the request waits for its response head replays it once on
+/// another server of the backend if it is idempotent and bodiless, and cuts it otherwise.
 async fn forward(
     table: &Table,
     route: &Route,
@@ -280,6 +296,10 @@ async fn forward(
     let limits = &table.defaults;
     let mut server = server.clone();
     let mut connect_retried = false;
+    // Requests that may be replayed keep a copy of their head: one small allocation
+    // (header values are shared, not copied) for a long-poll that then never fails.
+    let mut replay = replay_copy(&req);
+    let replayable = replay.is_some();
     loop {
         let in_flight = server.start_request();
         let mut pooled = server.pool.take(limits.upstream_idle_timeout);
@@ -310,7 +330,46 @@ async fn forward(
                 }
             },
         };
-        let sent = tokio::time::timeout(route.request_timeout, sender.try_send_request(req)).await;
+        let sent = {
+            let cut = in_flight.cut_signal();
+            let deadline = async {
+                if !in_flight.is_cut() {
+                    cut.await;
+                }
+            };
+            tokio::select! {
+                biased;
+                sent = tokio::time::timeout(route.request_timeout, sender.try_send_request(req)) => Some(sent),
+                () = deadline => None,
+            }
+        };
+        let Some(sent) = sent else {
+            // A drain deadline passed. Dropping the send cancelled the request upstream
+            // (its connection closes with it).
+            let drain_cut = |why| ProxyError::DrainCut {
+                route: route.name.clone(),
+                backend: backend.name.clone(),
+                server: server.label.clone(),
+                why,
+            };
+            let Some(again) = replay.take() else {
+                server.drained.note(DrainOutcome::Cut);
+                return Err(drain_cut(if replayable {
+                    "; it was already replayed once"
+                } else {
+                    " (only GET, HEAD and OPTIONS without a body are replayed)"
+                }));
+            };
+            let Some(other) = backend.pick_server(sticky_hash, Some(&server)) else {
+                server.drained.note(DrainOutcome::Cut);
+                return Err(drain_cut("; no other server of the backend is in rotation to replay it on"));
+            };
+            server.drained.note(DrainOutcome::Replayed);
+            tracing::info!(route = %route.name, backend = %backend.name, from = %server.label, to = %other.label, "drain deadline: request replayed on another server");
+            server = other.clone();
+            req = again;
+            continue;
+        };
         match sent {
             Ok(Ok(response)) => {
                 outcome(backend, &server, response.status().is_server_error());
@@ -346,6 +405,21 @@ async fn forward(
     }
 }
 
+/// A copy of a request that a drain deadline may replay: GET, HEAD or OPTIONS, with no
+/// body. Replaying anything else could repeat its effect.
+fn replay_copy(req: &Request<RequestBody>) -> Option<Request<RequestBody>> {
+    let idempotent = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !idempotent || !req.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(RequestBody::Empty);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
 /// Feeds passive outlier detection: failures the upstream caused (connect errors,
 /// timeouts, broken connections, 5xx), never the client's.
 #[inline]
@@ -373,6 +447,10 @@ fn request_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, ProxyErr
         }
         None => Ok(None),
     }
+}
+
+fn protocol_is(upgrade: &Option<HeaderValue>, name: &str) -> bool {
+    upgrade.as_ref().is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(name.as_bytes()))
 }
 
 /// The protocol a client asks to upgrade to, if it asks properly: HTTP/1.1, `Upgrade`

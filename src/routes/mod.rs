@@ -20,6 +20,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::HeaderName;
+use tokio::sync::futures::{Notified, OwnedNotified};
+use tokio::sync::Notify;
 
 use crate::config::{BasisPoints, Config, Defaults, HostPattern, Outlier, Sticky};
 use crate::upstream::Pool;
@@ -76,6 +78,53 @@ pub struct Server {
     /// rotation. One atomic, so the hot path decides with one load.
     out: AtomicU8,
     pub pool: Pool,
+    /// Bumped when a drain's deadline passes; requests that began before it are cut over
+    /// (replayed, ended at a boundary, or cut), and woken through `cut`.
+    cut_epoch: AtomicU32,
+    cut: Arc<Notify>,
+    /// What the last drain deadline did to the requests it found.
+    pub drained: DrainOutcomes,
+}
+
+/// Counts of what a drain's deadline did to a server's requests, since the drain began.
+#[derive(Debug, Default)]
+pub struct DrainOutcomes {
+    /// Idempotent requests still waiting for their response head, sent again elsewhere.
+    pub replayed: AtomicU32,
+    /// Streams ended cleanly: SSE at an event boundary, WebSockets with close code 1001.
+    pub ended: AtomicU32,
+    /// Everything else that was still running: cut off.
+    pub cut: AtomicU32,
+}
+
+/// What a drain deadline did to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainOutcome {
+    Replayed,
+    Ended,
+    Cut,
+}
+
+impl DrainOutcomes {
+    pub fn note(&self, outcome: DrainOutcome) {
+        let counter = match outcome {
+            DrainOutcome::Replayed => &self.replayed,
+            DrainOutcome::Ended => &self.ended,
+            DrainOutcome::Cut => &self.cut,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (replayed, ended, cut)
+    pub fn counts(&self) -> (u32, u32, u32) {
+        (self.replayed.load(Ordering::Relaxed), self.ended.load(Ordering::Relaxed), self.cut.load(Ordering::Relaxed))
+    }
+
+    fn reset(&self) {
+        for counter in [&self.replayed, &self.ended, &self.cut] {
+            counter.store(0, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The server failed its active health check (or has not passed it yet).
@@ -100,6 +149,9 @@ impl Server {
             ejections: AtomicU32::new(0),
             out: AtomicU8::new(if health_checked { UNHEALTHY } else { 0 }),
             pool: Pool::default(),
+            cut_epoch: AtomicU32::new(0),
+            cut: Arc::new(Notify::new()),
+            drained: DrainOutcomes::default(),
         }
     }
 
@@ -129,6 +181,19 @@ impl Server {
         if out && before == 0 {
             self.pool.clear();
         }
+        if reason == DRAINING && out && before & DRAINING == 0 {
+            self.drained.reset();
+        }
+    }
+
+    /// A drain's deadline has passed: every request that began before now is cut over.
+    /// Returns how many were in flight.
+    pub fn cut_in_flight(&self) -> u32 {
+        // Epoch first, then the wake-up: a request that registers between the two sees
+        // the new epoch when it checks (see [`InFlight::cut_signal`]).
+        self.cut_epoch.fetch_add(1, Ordering::Release);
+        self.cut.notify_waiters();
+        self.in_flight()
     }
 
     pub fn draining(&self) -> bool {
@@ -186,23 +251,44 @@ impl Server {
     /// Counts a request against this server until the guard is dropped.
     pub fn start_request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
+        InFlight { server: self.clone(), epoch: self.cut_epoch.load(Ordering::Acquire) }
     }
 }
 
 /// A request in flight on a server; the count drops with the guard.
 #[derive(Debug)]
-pub struct InFlight(Arc<Server>);
+pub struct InFlight {
+    server: Arc<Server>,
+    /// The server's cut epoch when the request began.
+    epoch: u32,
+}
 
 impl InFlight {
     pub fn server(&self) -> &Arc<Server> {
-        &self.0
+        &self.server
+    }
+
+    /// Whether a drain deadline has passed on this request's server since it began.
+    #[inline]
+    pub fn is_cut(&self) -> bool {
+        self.server.cut_epoch.load(Ordering::Acquire) != self.epoch
+    }
+
+    /// Completes when a drain deadline passes on the server. Create it, then check
+    /// [`is_cut`](Self::is_cut): a deadline between the two is seen by one or the other.
+    pub fn cut_signal(&self) -> Notified<'_> {
+        self.server.cut.notified()
+    }
+
+    /// [`cut_signal`](Self::cut_signal) for a future that must own what it waits on.
+    pub fn owned_cut_signal(&self) -> OwnedNotified {
+        self.server.cut.clone().notified_owned()
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.server.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
