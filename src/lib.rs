@@ -22,4 +22,5 @@ pub mod demo;
 pub mod health;
 pub mod proxy;
 pub mod routes;
+pub mod stats;
 pub mod upstream;

@@ -99,6 +99,21 @@ fn status(answer: &Value, out: &mut String) {
             "backend", "version", "weight", "server", "rotation", "in-flight"
         );
         for backend in route["backends"].as_array().into_iter().flatten() {
+            let m = &backend["measured"];
+            let ms = |v: &Value| v.as_f64().map_or_else(|| "-".to_string(), |v| format!("{v}ms"));
+            let _ = writeln!(
+                out,
+                "  {:<16} over {}s: {} req/s, {}% errors, p50 {}, p99 {} ({} requests)",
+                text(&backend["name"]),
+                m["window_s"],
+                m["rate"],
+                m["error_rate"],
+                ms(&m["p50_ms"]),
+                ms(&m["p99_ms"]),
+                m["requests"]
+            );
+        }
+        for backend in route["backends"].as_array().into_iter().flatten() {
             for (i, server) in backend["servers"].as_array().into_iter().flatten().enumerate() {
                 let (name, version, weight) = if i == 0 {
                     (

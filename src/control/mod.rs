@@ -551,6 +551,7 @@ impl Control {
 
     fn status(&self, only: Option<&str>) -> Value {
         let table = self.table.current();
+        let now = tokio::time::Instant::now();
         if let Some(name) = only {
             if !table.routes.iter().any(|r| &*r.name == name) {
                 return failure(&format!("no route named {name:?}"));
@@ -580,7 +581,9 @@ impl Control {
                                 server
                             })
                             .collect();
-                        json!({ "name": &*backend.name, "version": backend.version.as_deref(), "weight": percent(weight), "servers": servers })
+                        let mut measured = backend.stats.summary(now).to_json();
+                        measured["window_s"] = backend.stats.window().as_secs_f64().into();
+                        json!({ "name": &*backend.name, "version": backend.version.as_deref(), "weight": percent(weight), "measured": measured, "servers": servers })
                     })
                     .collect();
                 let live = self.state.routes.get(&*route.name).is_some_and(|r| r.split.is_some());

@@ -214,7 +214,11 @@ impl Body for ResponseBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 body.connection = None;
-                tracing::warn!(server = %body.in_flight.server().label, error = %e, "response cut: the server failed mid-body");
+                let server = body.in_flight.server();
+                if let Some(stats) = &*server.stats.load() {
+                    stats.record_failure(Instant::now());
+                }
+                tracing::warn!(server = %server.label, error = %e, "response cut: the server failed mid-body");
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Pending => {

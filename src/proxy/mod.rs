@@ -30,6 +30,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -301,8 +302,10 @@ async fn forward(
     let mut replay = replay_copy(&req);
     let replayable = replay.is_some();
     loop {
+        // One clock read serves the pool's idle check and the latency measurement.
+        let started = Instant::now();
         let in_flight = server.start_request();
-        let mut pooled = server.pool.take(limits.upstream_idle_timeout);
+        let mut pooled = server.pool.take(started, limits.upstream_idle_timeout);
         if let Some(sender) = &mut pooled {
             if !upstream::ready(sender, limits.connect_timeout).await {
                 pooled = None;
@@ -313,7 +316,7 @@ async fn forward(
             None => match upstream::connect(server.addr, limits.connect_timeout).await {
                 Ok(sender) => (sender, false),
                 Err(source) => {
-                    outcome(backend, &server, true);
+                    outcome(backend, &server, true, started);
                     if !connect_retried {
                         if let Some(other) = backend.pick_server(sticky_hash, Some(&server)) {
                             tracing::warn!(route = %route.name, backend = %backend.name, error = %source, retry = %other.label, "connect failed; retrying on another server");
@@ -372,7 +375,7 @@ async fn forward(
         };
         match sent {
             Ok(Ok(response)) => {
-                outcome(backend, &server, response.status().is_server_error());
+                outcome(backend, &server, response.status().is_server_error(), started);
                 return Ok((response, sender, in_flight));
             }
             Ok(Err(mut e)) => match e.take_message() {
@@ -383,7 +386,7 @@ async fn forward(
                     req = unsent;
                 }
                 _ => {
-                    outcome(backend, &server, true);
+                    outcome(backend, &server, true, started);
                     return Err(ProxyError::Upstream {
                         route: route.name.clone(),
                         backend: backend.name.clone(),
@@ -393,7 +396,7 @@ async fn forward(
                 }
             },
             Err(_) => {
-                outcome(backend, &server, true);
+                outcome(backend, &server, true, started);
                 return Err(ProxyError::Timeout {
                     route: route.name.clone(),
                     backend: backend.name.clone(),
@@ -420,10 +423,12 @@ fn replay_copy(req: &Request<RequestBody>) -> Option<Request<RequestBody>> {
     Some(copy)
 }
 
-/// Feeds passive outlier detection: failures the upstream caused (connect errors,
-/// timeouts, broken connections, 5xx), never the client's.
+/// Feeds the backend's measurements and passive outlier detection: failures the upstream
+/// caused (connect errors, timeouts, broken connections, 5xx), never the client's.
 #[inline]
-fn outcome(backend: &Backend, server: &Arc<Server>, failed: bool) {
+fn outcome(backend: &Backend, server: &Arc<Server>, failed: bool, started: Instant) {
+    let now = Instant::now();
+    backend.stats.record(now, now.saturating_duration_since(started), failed);
     let others = || backend.servers.iter().any(|s| !Arc::ptr_eq(s, server) && s.in_rotation());
     if let Some(backoff) = server.record_outcome(failed, &backend.outlier, others) {
         tracing::warn!(backend = %backend.name, server = %server.label, failures = backend.outlier.failures, ?backoff, "server ejected: upstream failures in a row");

@@ -24,7 +24,11 @@ use tokio::sync::futures::{Notified, OwnedNotified};
 use tokio::sync::Notify;
 
 use crate::config::{BasisPoints, Config, Defaults, HostPattern, Outlier, Sticky};
+use crate::stats::Stats;
 use crate::upstream::Pool;
+
+/// The window backends outside any rollout are measured over (for `status`).
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
 
 pub use matcher::{host_matches, normalize_path, prefix_matches, strip_port, BadPath};
 pub use split::{bucket, key_hash, rendezvous_score, Split};
@@ -59,6 +63,8 @@ pub struct Backend {
     pub version: Option<Arc<str>>,
     pub outlier: Outlier,
     pub servers: Box<[Arc<Server>]>,
+    /// Requests, failures and latency over the analysis window.
+    pub stats: Arc<Stats>,
 }
 
 /// A server's live state, shared by every snapshot that names it.
@@ -84,6 +90,9 @@ pub struct Server {
     cut: Arc<Notify>,
     /// What the last drain deadline did to the requests it found.
     pub drained: DrainOutcomes,
+    /// Its backend's measurements, for failures found after the response head (a
+    /// response cut mid-body), where the request no longer holds the table.
+    pub stats: arc_swap::ArcSwapOption<Stats>,
 }
 
 /// Counts of what a drain's deadline did to a server's requests, since the drain began.
@@ -152,6 +161,7 @@ impl Server {
             cut_epoch: AtomicU32::new(0),
             cut: Arc::new(Notify::new()),
             drained: DrainOutcomes::default(),
+            stats: arc_swap::ArcSwapOption::empty(),
         }
     }
 
@@ -314,15 +324,29 @@ impl Table {
             .backends
             .iter()
             .map(|b| {
+                let backend_servers: Vec<Arc<Server>> =
+                    b.servers.iter().map(|&addr| servers.get_or_create(&b.name, addr, b.health.is_some())).collect();
+                // Measured over the shortest analysis window of the rollouts it is in.
+                let window = config
+                    .routes
+                    .iter()
+                    .filter_map(|r| r.rollout.as_ref())
+                    .filter(|ro| ro.stable == b.name || ro.canary == b.name)
+                    .map(|ro| ro.analysis.window)
+                    .min()
+                    .unwrap_or(DEFAULT_WINDOW);
                 Arc::new(Backend {
                     name: b.name.as_str().into(),
                     version: b.version.as_deref().map(Into::into),
                     outlier: b.outlier,
-                    servers: b
-                        .servers
-                        .iter()
-                        .map(|&addr| servers.get_or_create(&b.name, addr, b.health.is_some()))
-                        .collect(),
+                    stats: {
+                        let stats = servers.stats(&b.name, window);
+                        for server in &backend_servers {
+                            server.stats.store(Some(stats.clone()));
+                        }
+                        stats
+                    },
+                    servers: backend_servers.into(),
                 })
             })
             .collect();
@@ -425,9 +449,25 @@ impl Backend {
 #[derive(Debug, Default)]
 pub struct Servers {
     by_identity: HashMap<(String, SocketAddr), Arc<Server>>,
+    /// Each backend's measurements, kept across swaps while its window stays the same.
+    stats: HashMap<String, Arc<Stats>>,
 }
 
 impl Servers {
+    fn stats(&mut self, backend: &str, window: Duration) -> Arc<Stats> {
+        let stats = self.stats.entry(backend.to_string()).or_insert_with(|| Arc::new(Stats::new(window)));
+        if stats.window() != Stats::new_window(window) {
+            *stats = Arc::new(Stats::new(window));
+        }
+        stats.clone()
+    }
+
+    /// Starts a backend's measurements afresh (a new version under analysis must not be
+    /// judged by the old one's figures).
+    pub fn reset_stats(&mut self, backend: &str) {
+        self.stats.remove(backend);
+    }
+
     fn get_or_create(&mut self, backend: &str, addr: SocketAddr, health_checked: bool) -> Arc<Server> {
         self.by_identity
             .entry((backend.to_string(), addr))
@@ -441,6 +481,7 @@ impl Servers {
         self.by_identity.retain(|(backend, addr), _| {
             table.backends.iter().any(|b| &*b.name == backend && b.servers.iter().any(|s| s.addr == *addr))
         });
+        self.stats.retain(|backend, _| table.backends.iter().any(|b| &*b.name == backend));
     }
 }
 

@@ -55,8 +55,7 @@ impl Pool {
     /// Connections idle for longer than `max_idle` are closed instead: a server closes its
     /// idle keep-alive connections on its own clock (often 5 s), and a request written just
     /// as it does would fail with nothing to retry.
-    pub fn take(&self, max_idle: Duration) -> Option<Sender> {
-        let now = Instant::now();
+    pub fn take(&self, now: Instant, max_idle: Duration) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some((sender, since)) = idle.pop() {
             if now.duration_since(since) > max_idle {
