@@ -21,6 +21,7 @@ pub mod control;
 pub mod demo;
 pub mod health;
 pub mod proxy;
+pub mod rollout;
 pub mod routes;
 pub mod stats;
 pub mod upstream;
