@@ -59,6 +59,8 @@ pub fn render(verb: &str, answer: &Value) -> String {
             }
         }
         "drain" | "undrain" => drain(answer, &mut out),
+        "promote" | "pause" | "resume" => rollout_line(answer, &mut out),
+        "rollback" if !answer["state"].is_null() => rollout_line(answer, &mut out),
         _ => {
             let _ = writeln!(
                 out,
@@ -98,6 +100,10 @@ fn status(answer: &Value, out: &mut String) {
             "  {:<16} {:<12} {:>7}  {:<22} {:>9} {:>10}",
             "backend", "version", "weight", "server", "rotation", "in-flight"
         );
+        if !route["rollout"].is_null() {
+            let _ = write!(out, "  ");
+            rollout_line(&route["rollout"], out);
+        }
         for backend in route["backends"].as_array().into_iter().flatten() {
             let m = &backend["measured"];
             let ms = |v: &Value| v.as_f64().map_or_else(|| "-".to_string(), |v| format!("{v}ms"));
@@ -134,6 +140,27 @@ fn status(answer: &Value, out: &mut String) {
             }
         }
     }
+}
+
+/// One rollout, in a line: where it is and what it measures.
+fn rollout_line(rollout: &Value, out: &mut String) {
+    let _ = write!(
+        out,
+        "rollout {} -> {}: {}, step {}/{}, canary {}%",
+        text(&rollout["stable"]),
+        text(&rollout["canary"]),
+        text(&rollout["status"]),
+        rollout["step"],
+        rollout["steps"],
+        rollout["canary_weight"]
+    );
+    if let Some(left) = rollout["hold_left_s"].as_f64().filter(|l| *l > 0.0) {
+        let _ = write!(out, ", hold {left:.1}s left");
+    }
+    if let Some(reason) = rollout["reason"].as_str() {
+        let _ = write!(out, " ({reason})");
+    }
+    let _ = writeln!(out);
 }
 
 fn drain(answer: &Value, out: &mut String) {

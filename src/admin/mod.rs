@@ -128,7 +128,7 @@ async fn client(stream: UnixStream, control: Handle) {
     }
 }
 
-const USAGE: &str = "verbs: status [ROUTE] | set-weights ROUTE BACKEND=PCT... | rollback ROUTE [REASON] | reload | events [N] | drain TARGET [--deadline DUR] [--wait] | undrain TARGET";
+const USAGE: &str = "verbs: status [ROUTE] | set-weights ROUTE BACKEND=PCT... | rollback ROUTE [REASON] | promote ROUTE | pause ROUTE | resume ROUTE | reload | events [N] | drain TARGET [--deadline DUR] [--wait] | undrain TARGET";
 
 /// How long `drain --wait` waits without `--deadline`.
 const DEFAULT_DRAIN_WAIT: Duration = Duration::from_secs(30);
@@ -215,6 +215,10 @@ pub fn parse(line: &str) -> Result<Command, String> {
             let reason = (rest.len() > 1).then(|| rest[1..].join(" "));
             Ok(Command::Rollback { route, reason })
         }
+        "promote" if rest.len() == 1 => Ok(Command::Promote { route: route("promote")? }),
+        "pause" if rest.len() == 1 => Ok(Command::Pause { route: route("pause")? }),
+        "resume" if rest.len() == 1 => Ok(Command::Resume { route: route("resume")? }),
+        "promote" | "pause" | "resume" => Err(format!("{verb} needs one ROUTE")),
         "reload" if rest.is_empty() => Ok(Command::Reload),
         "events" if rest.len() <= 1 => {
             let last = match rest.first() {
@@ -265,6 +269,10 @@ mod tests {
         );
         assert_eq!(parse("events 5"), Ok(Command::Events { last: 5 }));
         assert_eq!(parse("reload"), Ok(Command::Reload));
+        assert_eq!(parse("promote agent"), Ok(Command::Promote { route: "agent".into() }));
+        assert_eq!(parse("pause agent"), Ok(Command::Pause { route: "agent".into() }));
+        assert_eq!(parse("resume agent"), Ok(Command::Resume { route: "agent".into() }));
+        assert!(parse("promote").expect_err("refused").contains("needs one ROUTE"));
         assert_eq!(parse_request("drain blue"), Ok((Command::Drain { target: "blue".into(), deadline: None }, None)));
         assert_eq!(
             parse_request("drain 127.0.0.1:9001 --deadline 2s --wait"),

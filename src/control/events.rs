@@ -57,6 +57,9 @@ pub struct Event {
     pub after: Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Figures behind an automatic decision: both sides' measurements, the thresholds.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub details: Value,
     /// The table generation in force after the change.
     pub generation: u64,
 }
@@ -71,8 +74,14 @@ impl Event {
             before: Value::Null,
             after: Value::Null,
             reason: None,
+            details: Value::Null,
             generation,
         }
+    }
+
+    pub fn details(mut self, details: Value) -> Self {
+        self.details = details;
+        self
     }
 
     pub fn route(mut self, route: &str) -> Self {

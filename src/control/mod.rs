@@ -22,7 +22,8 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::{self, BasisPoints, Config, Listen, ALL};
+use crate::config::{self, BasisPoints, Config, Listen, RolloutSpec, ALL};
+use crate::rollout::{self, Change, Observed, Phase};
 use crate::routes::{Servers, Table, TableReader, TableWriter};
 pub use events::{Actor, Event, EventLog};
 use state::{Loaded, Shares, State, StateFile};
@@ -61,6 +62,20 @@ pub enum Command {
     Undrain {
         target: String,
     },
+    /// Rollout routes: skip the current hold (at the last step, finish the rollout).
+    Promote {
+        route: String,
+    },
+    /// Rollout routes: freeze the step timer; analysis stays on.
+    Pause {
+        route: String,
+    },
+    /// Rollout routes: unfreeze a paused rollout, or retry a rolled-back one.
+    Resume {
+        route: String,
+    },
+    /// The rollout engine's clock (sent by its own timer).
+    Tick,
     /// The in-flight count of a drain target's servers and what its deadline did to them
     /// (for `drain --wait`).
     DrainProgress {
@@ -118,7 +133,15 @@ pub struct Control {
     /// disarms the old timer.
     deadlines: HashMap<String, u64>,
     drain_serial: u64,
+    /// The rollout engine's last tick, and the last time its progress was saved.
+    last_tick: Option<tokio::time::Instant>,
+    last_saved: Option<tokio::time::Instant>,
 }
+
+/// How often the rollout engine looks at its routes (holds, analysis).
+const TICK: Duration = Duration::from_millis(250);
+/// How often a running rollout's hold time is saved, so that a restart resumes it.
+const SAVE_PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// Reloads counted since start.
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
@@ -162,8 +185,11 @@ impl Control {
             own: None,
             deadlines: HashMap::new(),
             drain_serial: 0,
+            last_tick: None,
+            last_saved: None,
         };
         control.reconcile();
+        control.reconcile_rollouts(&Actor::Switchyard);
         control.drop_invalid_state();
         let restored: Vec<String> =
             control.state.routes.iter().filter(|(_, r)| r.split.is_some()).map(|(n, _)| n.clone()).collect();
@@ -190,6 +216,21 @@ impl Control {
         self.health.sync(&self.base, &self.table.current());
         let (tx, mut rx) = mpsc::channel::<Request>(64);
         self.own = Some(tx.downgrade());
+        let ticks = tx.downgrade();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(TICK);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                let Some(tx) = ticks.upgrade() else { return };
+                let (reply, answer) = oneshot::channel();
+                if tx.send((Command::Tick, Actor::Rollout, reply)).await.is_err() {
+                    return;
+                }
+                drop(tx);
+                let _ = answer.await;
+            }
+        });
         // Listener changes spawn accept loops onto the proxy's runtime.
         let runtime = tokio::runtime::Handle::current();
         let spawned = std::thread::Builder::new().name("switchyard-control".into()).spawn(move || {
@@ -217,6 +258,10 @@ impl Control {
             Command::Drain { target, deadline } => self.drain(&target, Some(deadline), &actor),
             Command::Undrain { target } => self.drain(&target, None, &actor),
             Command::DrainDeadline { target, serial } => self.drain_deadline(&target, serial),
+            Command::Promote { route } => self.rollout_command(&route, "promote", &actor),
+            Command::Pause { route } => self.rollout_command(&route, "pause", &actor),
+            Command::Resume { route } => self.rollout_command(&route, "resume", &actor),
+            Command::Tick => self.tick(),
             Command::DrainProgress { target } => match self.drain_servers(&target) {
                 Ok(servers) => drain_progress(&target, &servers),
                 Err(e) => failure(&e),
@@ -224,20 +269,30 @@ impl Control {
         }
     }
 
-    /// The config in force: the file's, with the live splits applied.
+    /// The config in force: the file's, with the live splits and rollouts applied.
     fn effective(&self) -> Config {
         let mut config = self.base.clone();
         for route in &mut config.routes {
-            if let Some(split) = self.state.routes.get(&route.name).and_then(|r| r.split.clone()) {
+            if let Some(split) = self.split_override(&route.name) {
                 route.split = split;
             }
         }
         config
     }
 
+    /// The split in force on a route when it is not the file's: a rollout's, or a live one.
+    fn split_override(&self, route: &str) -> Option<Shares> {
+        let state = self.state.routes.get(route)?;
+        let spec = self.base.routes.iter().find(|r| r.name == route)?;
+        match (&spec.rollout, &state.rollout) {
+            (Some(spec), Some(progress)) => Some(progress.split(spec)),
+            _ => state.split.clone(),
+        }
+    }
+
     fn split_of(&self, route: &str) -> Option<Shares> {
         let file = &self.base.routes.iter().find(|r| r.name == route)?.split;
-        Some(self.state.routes.get(route).and_then(|r| r.split.clone()).unwrap_or_else(|| file.clone()))
+        Some(self.split_override(route).unwrap_or_else(|| file.clone()))
     }
 
     /// Drops live splits the file has overtaken: the route or a backend is gone, or the
@@ -256,8 +311,39 @@ impl Control {
             if route.previous.as_ref().is_some_and(|p| p.iter().any(|(b, _)| base.backend(b).is_none())) {
                 route.previous = None;
             }
-            route.split.is_some() || route.previous.is_some()
+            route.split.is_some() || route.previous.is_some() || route.rollout.is_some()
         });
+    }
+
+    /// Starts a rollout for every rollout route whose canary identity is new (and forgets
+    /// those of routes that no longer have one). A known identity keeps its progress: a
+    /// rolled-back canary is not retried by a restart or an unrelated reload.
+    fn reconcile_rollouts(&mut self, actor: &Actor) {
+        let specs: Vec<(String, RolloutSpec)> =
+            self.base.routes.iter().filter_map(|r| Some((r.name.clone(), r.rollout.clone()?))).collect();
+        let with_rollout: Vec<&String> = specs.iter().map(|(n, _)| n).collect();
+        for (name, route) in self.state.routes.iter_mut() {
+            if !with_rollout.contains(&name) {
+                route.rollout = None;
+            }
+        }
+        for (name, spec) in &specs {
+            let identity = rollout::identity(&self.base, spec);
+            let entry = self.state.routes.entry(name.clone()).or_default();
+            if entry.rollout.as_ref().is_some_and(|p| p.identity == identity) {
+                continue;
+            }
+            entry.rollout = Some(rollout::Progress::new(identity.clone()));
+            // The new version is judged by its own figures only.
+            self.servers.reset_stats(&spec.canary);
+            tracing::info!(route = %name, canary = %identity, "rollout starts: Pending until the canary is healthy");
+            self.events.record(
+                Event::new(actor, "rollout-start", self.generation)
+                    .route(name)
+                    .change(Value::Null, json!(identity))
+                    .reason(format!("new canary {identity}; stable {}", spec.stable)),
+            );
+        }
     }
 
     /// A restored split is used only if it would be accepted from the socket today.
@@ -392,6 +478,168 @@ impl Control {
         }
     }
 
+    fn rollout_spec(&self, route: &str) -> Option<&RolloutSpec> {
+        self.base.routes.iter().find(|r| r.name == route)?.rollout.as_ref()
+    }
+
+    /// `promote`, `pause`, `resume` on a rollout route.
+    fn rollout_command(&mut self, route: &str, verb: &str, actor: &Actor) -> Value {
+        self.change_rollout(route, actor, |progress, spec| match verb {
+            "promote" => progress.promote(spec),
+            "pause" => progress.pause().map(|()| Change::Paused),
+            _ => progress.resume().map(|()| Change::Resumed),
+        })
+    }
+
+    /// Applies a change to a route's rollout, then carries it out: the split, the state
+    /// file, the event. Answers with the rollout as it now stands.
+    fn change_rollout(
+        &mut self,
+        route: &str,
+        actor: &Actor,
+        change: impl FnOnce(&mut rollout::Progress, &RolloutSpec) -> Result<Change, String>,
+    ) -> Value {
+        let Some(spec) = self.rollout_spec(route).cloned() else {
+            return failure(&format!("route {route:?} has no rollout (see [routes.rollout] in the config)"));
+        };
+        let Some(progress) = self.state.routes.get_mut(route).and_then(|r| r.rollout.as_mut()) else {
+            return failure(&format!("route {route:?} has no rollout state"));
+        };
+        let before = progress.split(&spec);
+        match change(progress, &spec) {
+            Ok(done) => {
+                let generation = self.carry_out(route, &spec, &before, &done, actor);
+                let mut answer = self.rollout_json(route, &spec);
+                answer["ok"] = true.into();
+                answer["generation"] = generation.into();
+                answer["route"] = route.into();
+                answer
+            }
+            Err(e) => failure(&format!("route {route:?}: {e}")),
+        }
+    }
+
+    /// Carries out what the rollout engine decided: swaps the split if it moved, saves the
+    /// progress, records the event (with both sides' figures). Returns the generation.
+    fn carry_out(&mut self, route: &str, spec: &RolloutSpec, before: &Shares, change: &Change, actor: &Actor) -> u64 {
+        let Some(progress) = self.state.routes.get(route).and_then(|r| r.rollout.clone()) else {
+            return self.generation;
+        };
+        if matches!(change, Change::Resumed) && progress.phase == Phase::Pending {
+            // A deliberate retry: the canary's old figures would roll it back again.
+            self.servers.reset_stats(&spec.canary);
+            self.swap();
+        }
+        let after = progress.split(spec);
+        if after != *before {
+            self.swap();
+        }
+        let (action, reason) = match change {
+            Change::Started => ("rollout-progressing", "the canary passed its health checks".to_string()),
+            Change::Advanced { from, to } => ("rollout-step", format!("step {} -> step {}", from + 1, to + 1)),
+            Change::Completed => ("rollout-complete", format!("{} is the stable side now", spec.canary)),
+            Change::RolledBack { reason } => ("rollback", reason.clone()),
+            Change::RollbackHeld { reason } => ("rollback-held", reason.clone()),
+            Change::WaitingForTraffic => (
+                "rollout-waiting",
+                format!("hold over, fewer than min_requests ({}) in the window", spec.analysis.min_requests),
+            ),
+            Change::Paused => ("pause", "rollout timer frozen".to_string()),
+            Change::Resumed => ("resume", format!("rollout is {:?}", progress.phase)),
+        };
+        if matches!(change, Change::Completed) && spec.strategy == config::Strategy::BlueGreen {
+            // Cleanup is over: the old side leaves rotation.
+            self.state.drained.insert(spec.stable.clone());
+            self.apply_drains();
+        }
+        self.persist();
+        self.last_saved = Some(tokio::time::Instant::now());
+        match change {
+            Change::RolledBack { .. } | Change::RollbackHeld { .. } => {
+                tracing::warn!(%route, %action, %reason, "rollout")
+            }
+            _ => tracing::info!(%route, %action, %reason, "rollout"),
+        }
+        let details = self.rollout_json(route, spec);
+        self.events.record(
+            Event::new(actor, action, self.generation)
+                .route(route)
+                .change(shares_json(Some(before)), shares_json(Some(&after)))
+                .reason(reason)
+                .details(details),
+        );
+        self.generation
+    }
+
+    /// The rollout engine's clock: every rollout route looks at its figures.
+    fn tick(&mut self) -> Value {
+        let now = tokio::time::Instant::now();
+        let elapsed = self.last_tick.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        self.last_tick = Some(now);
+        let table = self.table.current();
+        let specs: Vec<(String, RolloutSpec)> =
+            self.base.routes.iter().filter_map(|r| Some((r.name.clone(), r.rollout.clone()?))).collect();
+        let mut running = false;
+        for (route, spec) in specs {
+            let side = |name: &str| table.backend_index(name).map(|b| table.backend(b));
+            let (Some(stable), Some(canary)) = (side(&spec.stable), side(&spec.canary)) else { continue };
+            let seen = Observed {
+                canary: canary.stats.summary(now),
+                stable: stable.stats.summary(now),
+                canary_in_rotation: canary.has_server_in_rotation(),
+                stable_in_rotation: stable.has_server_in_rotation(),
+            };
+            let Some(progress) = self.state.routes.get_mut(&route).and_then(|r| r.rollout.as_mut()) else { continue };
+            let before = progress.split(&spec);
+            let change = progress.tick(&spec, elapsed, &seen);
+            running |= matches!(progress.phase, Phase::Pending | Phase::Progressing);
+            if let Some(change) = change {
+                self.carry_out(&route, &spec, &before, &change, &Actor::Rollout);
+            }
+        }
+        if running && self.last_saved.is_none_or(|t| now.saturating_duration_since(t) >= SAVE_PROGRESS_EVERY) {
+            // Hold time, so that a restart resumes the step where it was.
+            self.persist();
+            self.last_saved = Some(now);
+        }
+        json!({ "ok": true })
+    }
+
+    /// A rollout as `status` and the rollout commands show it.
+    fn rollout_json(&self, route: &str, spec: &RolloutSpec) -> Value {
+        let Some(progress) = self.state.routes.get(route).and_then(|r| r.rollout.as_ref()) else { return Value::Null };
+        let table = self.table.current();
+        let now = tokio::time::Instant::now();
+        let measured = |name: &str| {
+            table.backend_index(name).map_or(Value::Null, |b| table.backend(b).stats.summary(now).to_json())
+        };
+        let a = &spec.analysis;
+        json!({
+            "state": progress.phase,
+            "status": progress.describe(),
+            "identity": progress.identity,
+            "strategy": match spec.strategy { config::Strategy::Canary => "canary", config::Strategy::BlueGreen => "blue-green" },
+            "stable": spec.stable,
+            "canary": spec.canary,
+            "step": progress.step + 1,
+            "steps": match spec.strategy { config::Strategy::Canary => spec.steps.len(), config::Strategy::BlueGreen => 1 },
+            "canary_weight": percent(progress.canary_weight(spec)),
+            "hold_left_s": progress.hold_left(spec).as_secs_f64(),
+            "waiting_for_traffic": progress.waiting_for_traffic,
+            "rollback_held": progress.rollback_held,
+            "reason": progress.reason,
+            "thresholds": {
+                "window_s": a.window.as_secs_f64(),
+                "min_requests": a.min_requests,
+                "max_error_rate": a.max_error_rate.map(percent),
+                "max_p99_ms": a.max_p99.map(|d| d.as_secs_f64() * 1000.0),
+                "max_error_rate_over_stable": a.max_error_rate_over_stable.map(percent),
+                "max_p99_over_stable_ms": a.max_p99_over_stable.map(|d| d.as_secs_f64() * 1000.0),
+            },
+            "measured": { "canary": measured(&spec.canary), "stable": measured(&spec.stable) },
+        })
+    }
+
     /// Builds and stores a new table from the effective config; returns its generation.
     fn swap(&mut self) -> u64 {
         self.generation += 1;
@@ -431,6 +679,11 @@ impl Control {
     fn set_weights(&mut self, route: &str, mut split: Shares, actor: &Actor) -> Value {
         if let Err(e) = self.check_split(route, &split) {
             return failure(&e);
+        }
+        if self.rollout_spec(route).is_some() {
+            return failure(&format!(
+                "route {route:?} is under a rollout, which sets its split; use promote, pause, resume or rollback"
+            ));
         }
         // Backends at 0 % are the same split as backends left out, and order does not
         // matter: compare and store one canonical form.
@@ -479,8 +732,11 @@ impl Control {
         let Some(spec) = self.base.routes.iter().find(|r| r.name == route) else {
             return failure(&format!("no route named {route:?}"));
         };
+        if spec.rollout.is_some() {
+            let reason = reason.unwrap_or_else(|| "operator rollback".into());
+            return self.change_rollout(route, actor, |progress, _| Ok(progress.rollback(reason)));
+        }
         let target = match &spec.rollout {
-            // A rollout route: the canary (or the new side) to 0 %, stable to 100 %.
             Some(rollout) => vec![(rollout.stable.clone(), ALL)],
             None => match self.state.routes.get(route).and_then(|r| r.previous.clone()) {
                 Some(previous) => previous,
@@ -519,6 +775,7 @@ impl Control {
             self.base.routes.iter().filter_map(|r| Some((r.name.clone(), self.split_of(&r.name)?))).collect();
         let (old_base, old_state) = (std::mem::replace(&mut self.base, new), self.state.clone());
         self.reconcile();
+        self.reconcile_rollouts(actor);
         let listen = self.effective().listen;
         if let Err(e) = self.listeners.as_mut().map_or(Ok(()), |l| l.update(&listen)) {
             self.base = old_base;
@@ -587,7 +844,9 @@ impl Control {
                     })
                     .collect();
                 let live = self.state.routes.get(&*route.name).is_some_and(|r| r.split.is_some());
-                json!({ "name": &*route.name, "split": shares_json(split.as_deref()), "split_source": if live { "live" } else { "config" }, "backends": backends })
+                let rollout = self.rollout_spec(&route.name).map_or(Value::Null, |spec| self.rollout_json(&route.name, spec));
+                let source = if !rollout.is_null() { "rollout" } else if live { "live" } else { "config" };
+                json!({ "name": &*route.name, "split": shares_json(split.as_deref()), "split_source": source, "rollout": rollout, "backends": backends })
             })
             .collect();
         json!({

@@ -38,6 +38,9 @@ pub struct RouteState {
     /// The split in force before the last change: what `rollback` restores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<Shares>,
+    /// Where the route's rollout stands; on a rollout route it decides the split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<crate::rollout::Progress>,
 }
 
 /// Why the state could not be read or written.
@@ -138,6 +141,7 @@ mod tests {
                 split: Some(vec![("green".into(), 10_000)]),
                 file_split: Some(vec![("blue".into(), 10_000)]),
                 previous: Some(vec![("blue".into(), 10_000)]),
+                rollout: Some(crate::rollout::Progress::new("green v2 [127.0.0.1:9101]".into())),
             },
         );
         file.save(&state).expect("save");

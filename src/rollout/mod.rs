@@ -89,6 +89,9 @@ pub enum Change {
     },
     /// The hold of the current step ended without enough requests to judge it.
     WaitingForTraffic,
+    /// By hand: `pause` and `resume`.
+    Paused,
+    Resumed,
 }
 
 /// The identity of a route's rollout in `config`: the canary backend's name, version and

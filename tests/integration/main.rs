@@ -9,6 +9,7 @@ mod errors;
 mod headers;
 mod health;
 mod layout;
+mod rollout;
 mod routing;
 mod shutdown;
 mod streaming;
