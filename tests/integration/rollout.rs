@@ -280,3 +280,55 @@ async fn blue_green_switches_after_warm_up_and_rolls_back_during_cleanup() {
     assert_eq!(rolled["state"], "RolledBack", "analysis runs during cleanup: {rolled}");
     assert_eq!(probe(&proxy).await, "blue", "the old side was kept ready");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promote_and_rollback_under_load_fail_nothing_and_sticky_cohorts_only_grow() {
+    let blue = TestServer::named("blue").await;
+    let green = TestServer::named("green").await;
+    let rollout = "steps = [ { weight = 10, hold = \"1h\" }, { weight = 40, hold = \"1h\" }, { weight = 100 } ]\n\
+                   analysis = { window = \"2s\", min_requests = 1 }\n";
+    let config = rollout_config(&backend("blue", &[&blue]), &backend("green", &[&green]), rollout)
+        .replace(
+            "split = { blue = 100 }",
+            "split = { blue = 100 }\nsticky = { header = \"x-conversation-id\" }\noverride_header = \"x-switchyard-backend\"",
+        );
+    let proxy = TestProxy::start(&config).await;
+    assert_eq!(until_state(&proxy, "Progressing", Duration::from_secs(5)).await["state"], "Progressing");
+    let load = Load::start(proxy.addr, 50);
+
+    // Which conversations reach the canary, at each step.
+    let client = client();
+    let on_canary = |proxy: &TestProxy| {
+        let client = client.clone();
+        let url = proxy.url("/chat");
+        async move {
+            let mut keys = std::collections::BTreeSet::new();
+            for i in 0..200 {
+                let req = http::Request::get(&url)
+                    .header("x-conversation-id", format!("conv-{i}"))
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .expect("request");
+                if fetch(&client, req).await.expect("answer").2 == "green" {
+                    keys.insert(i);
+                }
+            }
+            keys
+        }
+    };
+    let at_10 = on_canary(&proxy).await;
+    assert_eq!(admin(&proxy, "promote agent").await["step"], 2);
+    let at_40 = on_canary(&proxy).await;
+    assert!(at_10.is_subset(&at_40), "a conversation on the canary stays there as its weight grows");
+    assert!(at_40.len() > at_10.len() && !at_10.is_empty(), "{} then {}", at_10.len(), at_40.len());
+
+    let rolled = admin(&proxy, "rollback agent by hand").await;
+    assert_eq!(rolled["state"], "RolledBack", "{rolled}");
+    assert!(on_canary(&proxy).await.is_empty(), "a rollback sends every conversation back to stable");
+    let pinned = http::Request::get(proxy.url("/debug"))
+        .header("x-conversation-id", "conv-1")
+        .header("x-switchyard-backend", "green")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    assert_eq!(fetch(&client, pinned).await.expect("answer").2, "green", "a tester still reaches the canary");
+    assert!(load.stop_expecting_no_failures().await > 0, "no request failed across the promote and the rollback");
+}
