@@ -6,11 +6,14 @@
 //! - `GET /poll?ms=N` → answers after N ms (at most 60 s)
 //! - anything else → `{"version": ..., "path": ...}`
 //!
-//! Every answer carries `x-agent-version`.
+//! Every answer carries `x-agent-version`. A faulty agent ([`Agent::faulty`]) answers
+//! every Nth request (health checks aside) with a 500, like a bad build.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -42,16 +45,29 @@ impl Drop for Agent {
 impl Agent {
     /// Starts an agent on 127.0.0.1 on a free port.
     pub async fn start(version: &str) -> std::io::Result<Agent> {
+        Self::start_with(version, None).await
+    }
+
+    /// An agent that fails every `nth` request with a 500.
+    pub async fn faulty(version: &str, nth: u64) -> std::io::Result<Agent> {
+        Self::start_with(version, Some(nth.max(1))).await
+    }
+
+    async fn start_with(version: &str, fail_every: Option<u64>) -> std::io::Result<Agent> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
         let version_header = HeaderValue::from_str(version).unwrap_or(HeaderValue::from_static("unknown"));
-        tokio::spawn(serve(listener, version_header, stop.clone()));
+        let faults = fail_every.map(|n| (n, Arc::new(AtomicU64::new(0))));
+        tokio::spawn(serve(listener, version_header, faults, stop.clone()));
         Ok(Agent { addr, version: version.to_string(), stop })
     }
 }
 
-async fn serve(listener: TcpListener, version: HeaderValue, stop: CancellationToken) {
+/// Every how many requests to fail, and the count so far.
+type Faults = Option<(u64, Arc<AtomicU64>)>;
+
+async fn serve(listener: TcpListener, version: HeaderValue, faults: Faults, stop: CancellationToken) {
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
@@ -62,8 +78,13 @@ async fn serve(listener: TcpListener, version: HeaderValue, stop: CancellationTo
         };
         let version = version.clone();
         let stop = stop.clone();
+        let faults = faults.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| answer(req, version.clone()));
+            let service = service_fn(move |req| {
+                let fail = req.uri().path() != "/health"
+                    && faults.as_ref().is_some_and(|(n, count)| count.fetch_add(1, Ordering::Relaxed) % n == 0);
+                answer(req, version.clone(), fail)
+            });
             let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .into_owned();
@@ -85,9 +106,14 @@ fn query_number(req: &Request<Incoming>, key: &str) -> Option<u64> {
     req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
-async fn answer(req: Request<Incoming>, version: HeaderValue) -> Result<Response<Body>, Infallible> {
+async fn answer(req: Request<Incoming>, version: HeaderValue, fail: bool) -> Result<Response<Body>, Infallible> {
     let v = version.to_str().unwrap_or("unknown").to_string();
     let mut response = match req.uri().path() {
+        _ if fail => {
+            let mut r = Response::new(full(format!("{v}: internal error (a faulty build)\n")));
+            *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+            r
+        }
         "/health" => Response::new(full(format!("ok {v}\n"))),
         "/chat" => {
             let tokens = query_number(&req, "tokens").unwrap_or(5).min(1000);

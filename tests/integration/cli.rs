@@ -122,17 +122,24 @@ async fn run_serves_logs_json_and_stops_on_sigterm() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The demo is the README's first command: it must run clean on a bare machine.
+/// The demo is the README's first command: it must run clean on a bare machine and tell
+/// the whole story: a faulty canary measured and rolled back with its reason, a drain, a
+/// healthy canary promoted step by step to 100 %.
 #[test]
-fn the_demo_runs_clean_and_shows_a_drain() {
+fn the_demo_tells_the_rollout_story_and_shows_a_drain() {
     let (code, out, err) = switchyard(&["demo"]);
     assert_eq!(code, 0, "{out}\n{err}");
-    assert!(out.contains("failed: 0"), "{out}");
-    assert!(out.contains("conversations that changed version: 0"), "{out}");
+    assert!(out.contains("failed: 0 (beyond"), "{out}");
+    assert!(out.contains("conversations that changed version other than by the rollout: 0"), "{out}");
+    let (act_1, act_2) = out.split_once("act 2").unwrap_or_else(|| panic!("two acts:\n{out}"));
+    assert!(act_1.contains("rollout RolledBack") && act_1.contains("why: error rate"), "{out}");
+    for step in ["step 1/3, canary 20.0 %", "step 2/3, canary 50.0 %", "rollout Complete: step 3/3, canary 100.0 %"] {
+        assert!(act_2.contains(step), "{step} in act 2:\n{out}");
+    }
     let drain = out.lines().find(|l| l.contains("drained")).unwrap_or_else(|| panic!("no drain line:\n{out}"));
     assert!(
         drain.contains("→ 0") || drain.contains("in flight 0"),
         "the drained server's in-flight count reaches 0: {drain}"
     );
-    assert!(out.contains("v1.0.0") && out.contains("v1.1.0"), "both versions served: {out}");
+    assert!(act_1.contains("v1.1.0") && act_2.contains("v1.2.0"), "both canaries served: {out}");
 }
