@@ -101,7 +101,7 @@ async fn faulty(name: &str) -> TestServer {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_canary_answering_20_percent_500s_is_rolled_back_and_stays_rolled_back_after_a_restart() {
+async fn a_canary_answering_20_percent_500s_is_rolled_back_and_stays_so_across_a_restart_and_a_reload() {
     let blue = TestServer::named("blue").await;
     let green = faulty("green").await;
     let config = rollout_config(&backend("blue", &[&blue]), &backend("green", &[&green]), STEPS);
@@ -132,8 +132,16 @@ async fn a_canary_answering_20_percent_500s_is_rolled_back_and_stays_rolled_back
     }
     let TestProxy { running, dir, .. } = proxy;
     running.stop().await;
-    let again = TestProxy::start_in(dir, &config, None).await;
+    let path = dir.path("switchyard.toml");
+    let again = TestProxy::start_in(dir, &config, Some(path.clone())).await;
     assert_eq!(rollout_of(&again).await["state"], "RolledBack", "a restart does not retry it");
+    // An unrelated edit and reload: still rolled back.
+    let edited = full_config(&again.dir, &config).replace("[listen]", "[defaults]\nconnect_timeout = \"3s\"\n[listen]");
+    std::fs::write(&path, edited).expect("edit the config");
+    let reloaded = admin(&again, "reload").await;
+    assert_eq!(reloaded["ok"], true, "{reloaded}");
+    assert!(reloaded["changes"].to_string().contains("defaults"), "{reloaded}");
+    assert_eq!(rollout_of(&again).await["state"], "RolledBack", "an unrelated reload does not retry it");
     for _ in 0..30 {
         assert_eq!(probe(&again).await, "blue");
     }
