@@ -59,6 +59,7 @@ pub fn render(verb: &str, answer: &Value) -> String {
             }
         }
         "drain" | "undrain" => drain(answer, &mut out),
+        "mirror-report" => mirror_report(answer, &mut out),
         "promote" | "pause" | "resume" => rollout_line(answer, &mut out),
         "rollback" if !answer["state"].is_null() => rollout_line(answer, &mut out),
         _ => {
@@ -181,6 +182,57 @@ fn drain(answer: &Value, out: &mut String) {
     );
     for server in answer["servers"].as_array().into_iter().flatten() {
         let _ = writeln!(out, "  {:<22} in flight {}", text(&server["addr"]), server["in_flight"]);
+    }
+}
+
+fn mirror_report(answer: &Value, out: &mut String) {
+    let m = &answer["mirror"];
+    let _ = writeln!(
+        out,
+        "route {} mirrors {} % to {}{}; {} in flight (at most {})",
+        text(&answer["route"]),
+        m["percent"],
+        text(&m["backend"]),
+        if m["compare"].as_bool() == Some(true) { ", comparing answers" } else { "" },
+        answer["in_flight"],
+        m["max_in_flight"],
+    );
+    let _ = writeln!(out, "sampled {}", answer["sampled"]);
+    for (label, count) in answer["counts"].as_object().into_iter().flatten() {
+        if count.as_u64() != Some(0) {
+            let _ = writeln!(out, "  {label:<16} {count}");
+        }
+    }
+    let latency = &answer["latency"];
+    for side in ["primary", "shadow"] {
+        let l = &latency[side];
+        if l["requests"].as_u64().unwrap_or(0) > 0 {
+            let _ = writeln!(
+                out,
+                "{side:<8} p50 {} ms  p99 {} ms  over {} compared pairs in the last {} s",
+                l["p50_ms"], l["p99_ms"], l["requests"], latency["window_s"]
+            );
+        }
+    }
+    let differences = answer["differences"].as_array().map_or(&[][..], Vec::as_slice);
+    if !differences.is_empty() {
+        let _ = writeln!(out, "latest differences:");
+    }
+    for d in differences {
+        let status = |v: &Value| v.as_u64().map_or("-".to_string(), |s| s.to_string());
+        let _ = writeln!(
+            out,
+            "  {} {:<7} {:<30} {:<16} {} vs {}  {} vs {} ms  {}",
+            text(&d["at"]),
+            text(&d["method"]),
+            text(&d["path"]),
+            text(&d["result"]),
+            status(&d["primary_status"]),
+            status(&d["shadow_status"]),
+            compact(&d["primary_ms"]),
+            compact(&d["shadow_ms"]),
+            text(&d["detail"]),
+        );
     }
 }
 

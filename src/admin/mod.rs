@@ -128,7 +128,7 @@ async fn client(stream: UnixStream, control: Handle) {
     }
 }
 
-const USAGE: &str = "verbs: status [ROUTE] | set-weights ROUTE BACKEND=PCT... | rollback ROUTE [REASON] | promote ROUTE | pause ROUTE | resume ROUTE | reload | events [N] | drain TARGET [--deadline DUR] [--wait] | undrain TARGET";
+const USAGE: &str = "verbs: status [ROUTE] | set-weights ROUTE BACKEND=PCT... | rollback ROUTE [REASON] | promote ROUTE | pause ROUTE | resume ROUTE | reload | events [N] | drain TARGET [--deadline DUR] [--wait] | undrain TARGET | mirror-report ROUTE";
 
 /// How long `drain --wait` waits without `--deadline`.
 const DEFAULT_DRAIN_WAIT: Duration = Duration::from_secs(30);
@@ -218,7 +218,8 @@ pub fn parse(line: &str) -> Result<Command, String> {
         "promote" if rest.len() == 1 => Ok(Command::Promote { route: route("promote")? }),
         "pause" if rest.len() == 1 => Ok(Command::Pause { route: route("pause")? }),
         "resume" if rest.len() == 1 => Ok(Command::Resume { route: route("resume")? }),
-        "promote" | "pause" | "resume" => Err(format!("{verb} needs one ROUTE")),
+        "mirror-report" if rest.len() == 1 => Ok(Command::MirrorReport { route: route("mirror-report")? }),
+        "promote" | "pause" | "resume" | "mirror-report" => Err(format!("{verb} needs one ROUTE")),
         "reload" if rest.is_empty() => Ok(Command::Reload),
         "events" if rest.len() <= 1 => {
             let last = match rest.first() {
@@ -270,6 +271,8 @@ mod tests {
         assert_eq!(parse("events 5"), Ok(Command::Events { last: 5 }));
         assert_eq!(parse("reload"), Ok(Command::Reload));
         assert_eq!(parse("promote agent"), Ok(Command::Promote { route: "agent".into() }));
+        assert_eq!(parse("mirror-report agent"), Ok(Command::MirrorReport { route: "agent".into() }));
+        assert!(parse("mirror-report").expect_err("refused").contains("needs one ROUTE"));
         assert_eq!(parse("pause agent"), Ok(Command::Pause { route: "agent".into() }));
         assert_eq!(parse("resume agent"), Ok(Command::Resume { route: "agent".into() }));
         assert!(parse("promote").expect_err("refused").contains("needs one ROUTE"));

@@ -76,6 +76,11 @@ pub enum Command {
     },
     /// The rollout engine's clock (sent by its own timer).
     Tick,
+    /// What a route's mirror has seen: counts of matches and differences, both sides'
+    /// latency, the latest differing requests.
+    MirrorReport {
+        route: String,
+    },
     /// The in-flight count of a drain target's servers and what its deadline did to them
     /// (for `drain --wait`).
     DrainProgress {
@@ -262,6 +267,7 @@ impl Control {
             Command::Pause { route } => self.rollout_command(&route, "pause", &actor),
             Command::Resume { route } => self.rollout_command(&route, "resume", &actor),
             Command::Tick => self.tick(),
+            Command::MirrorReport { route } => self.mirror_report(&route),
             Command::DrainProgress { target } => match self.drain_servers(&target) {
                 Ok(servers) => drain_progress(&target, &servers),
                 Err(e) => failure(&e),
@@ -806,6 +812,19 @@ impl Control {
         json!({ "ok": false, "error": error, "generation": self.generation })
     }
 
+    fn mirror_report(&self, name: &str) -> Value {
+        let table = self.table.current();
+        let Some(route) = table.routes.iter().find(|r| &*r.name == name) else {
+            return failure(&format!("no route named {name:?}"));
+        };
+        match &route.mirror {
+            Some(mirror) => mirror.report(name, tokio::time::Instant::now()),
+            None => failure(&format!(
+                "route {name:?} has no mirror; add mirror = {{ backend = \"...\", percent = 10, compare = true }} to it in the config"
+            )),
+        }
+    }
+
     fn status(&self, only: Option<&str>) -> Value {
         let table = self.table.current();
         let now = tokio::time::Instant::now();
@@ -952,7 +971,14 @@ fn diff(old: &Config, new: &Config) -> Vec<String> {
         }
     }
     for r in &new.routes {
-        if old.routes.iter().find(|o| o.name == r.name).is_some_and(|o| o != r) {
+        let Some(o) = old.routes.iter().find(|o| o.name == r.name) else { continue };
+        let mirror = |m: &Option<config::MirrorSpec>| {
+            m.as_ref().map_or("off".to_string(), |m| format!("to {} at {} %", m.backend, percent(m.percent)))
+        };
+        if o.mirror != r.mirror {
+            out.push(format!("route {}: mirror {} -> {}", r.name, mirror(&o.mirror), mirror(&r.mirror)));
+        }
+        if (config::RouteSpec { mirror: r.mirror.clone(), ..o.clone() }) != *r {
             out.push(format!("route {} changed", r.name));
         }
     }

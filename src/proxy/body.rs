@@ -22,6 +22,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::boundary::SseScanner;
 use super::conn::ActiveRequest;
+use crate::mirror::PrimaryDigest;
 use crate::routes::{DrainOutcome, InFlight};
 use crate::upstream::Sender;
 
@@ -71,6 +72,8 @@ struct UpstreamBody {
     /// For `text/event-stream`: where the stream stands between events.
     sse: Option<SseScanner>,
     end: End,
+    /// A mirrored request's primary answer, read for comparison with the shadow's.
+    digest: Option<Box<PrimaryDigest>>,
 }
 
 /// How far a drain deadline has got with a body.
@@ -113,12 +116,30 @@ impl ResponseBody {
         event_stream: bool,
     ) -> Self {
         let sse = event_stream.then(SseScanner::default);
-        let mut body =
-            UpstreamBody { inner, connection, in_flight, idle_timeout, waits: None, sse, end: End::Streaming };
+        let mut body = UpstreamBody {
+            inner,
+            connection,
+            in_flight,
+            idle_timeout,
+            waits: None,
+            sse,
+            end: End::Streaming,
+            digest: None,
+        };
         if body.inner.is_end_stream() {
             body.finish();
         }
         ResponseBody { kind: Kind::Upstream(body), active: None }
+    }
+
+    /// Reads the body for a mirrored request's comparison as it streams; the digest is
+    /// complete when the body ends whole (dropped, it tells the mirror it never did).
+    pub fn compare(&mut self, digest: Box<PrimaryDigest>) {
+        match &mut self.kind {
+            Kind::Upstream(body) if !body.inner.is_end_stream() => body.digest = Some(digest),
+            // Whole already (an empty body): there is nothing more to read.
+            _ => (*digest).done(),
+        }
     }
 
     pub(super) fn set_active(&mut self, active: ActiveRequest) {
@@ -131,6 +152,9 @@ impl UpstreamBody {
     fn finish(&mut self) {
         if let Some(connection) = self.connection.take() {
             self.in_flight.server().pool.put(connection);
+        }
+        if let Some(digest) = self.digest.take() {
+            (*digest).done();
         }
     }
 }
@@ -203,10 +227,14 @@ impl Body for ResponseBody {
                 if let (Some(waits), End::Streaming) = (&mut body.waits, body.end) {
                     waits.as_mut().project().idle.reset(Instant::now() + body.idle_timeout);
                 }
+                let frame = body.pass(frame);
+                if let (Some(digest), Some(data)) = (&mut body.digest, frame.data_ref()) {
+                    digest.feed(data);
+                }
                 if body.inner.is_end_stream() {
                     body.finish();
                 }
-                Poll::Ready(Some(Ok(body.pass(frame))))
+                Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
                 body.finish();

@@ -235,10 +235,24 @@ impl Proxy {
             parts.uri = origin_form(&parts.uri, normal_path.as_deref())?;
         }
         parts.version = Version::HTTP_11;
-        let upstream_req = Request::from_parts(parts, RequestBody::Client(body));
+        // A sampled share is copied to the route's shadow; upgrades never are.
+        let (body, primary) = match &route.mirror {
+            Some(mirror) if upgrade.is_none() && mirror.sampled() => mirror.start(&parts, body),
+            _ => (RequestBody::Client(body), None),
+        };
+        let upstream_req = Request::from_parts(parts, body);
 
         let (mut response, connection, in_flight) =
-            forward(table, route, backend, server, sticky_hash, upstream_req).await?;
+            match forward(table, route, backend, server, sticky_hash, upstream_req).await {
+                Ok(forwarded) => forwarded,
+                Err(e) => {
+                    if let Some(primary) = primary {
+                        primary.failed(e.status());
+                    }
+                    return Err(e);
+                }
+            };
+        let digest = primary.map(|p| p.answered(&response));
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {
@@ -276,7 +290,10 @@ impl Proxy {
             .headers
             .get(header::CONTENT_TYPE)
             .is_some_and(|t| t.as_bytes().get(..17).is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream")));
-        let body = ResponseBody::upstream(body, reusable, in_flight, limits.stream_idle_timeout, event_stream);
+        let mut body = ResponseBody::upstream(body, reusable, in_flight, limits.stream_idle_timeout, event_stream);
+        if let Some(digest) = digest {
+            body.compare(digest);
+        }
         Ok(Response::from_parts(parts, body))
     }
 }

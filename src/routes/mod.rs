@@ -24,6 +24,7 @@ use tokio::sync::futures::{Notified, OwnedNotified};
 use tokio::sync::Notify;
 
 use crate::config::{BasisPoints, Config, Defaults, HostPattern, Outlier, Sticky};
+use crate::mirror::{Mirror, MirrorState};
 use crate::stats::Stats;
 use crate::upstream::Pool;
 
@@ -55,6 +56,8 @@ pub struct Route {
     pub request_timeout: Duration,
     /// Every backend the route may send to, including those at 0 %, for `override_header`.
     members: Box<[usize]>,
+    /// Where a sampled share of the route's requests is copied to.
+    pub mirror: Option<Arc<Mirror>>,
 }
 
 #[derive(Debug)]
@@ -369,6 +372,15 @@ impl Table {
                 }
                 members.sort_unstable();
                 members.dedup();
+                let mirror = r.mirror.as_ref().and_then(|spec| {
+                    let shadow = backends[index(&spec.backend)?].clone();
+                    let pools = shadow.servers.iter().map(|s| servers.mirror_pool(s.addr)).collect();
+                    let state = servers.mirror_state(&r.name, &spec.backend);
+                    let d = &config.defaults;
+                    let mirror =
+                        Mirror::new(spec.clone(), shadow, pools, state, d.connect_timeout, d.upstream_idle_timeout);
+                    Some(Arc::new(mirror))
+                });
                 Route {
                     name: r.name.as_str().into(),
                     hosts: r.hosts.clone().into(),
@@ -378,6 +390,7 @@ impl Table {
                     override_header: r.override_header.clone(),
                     request_timeout: r.request_timeout,
                     members: members.into(),
+                    mirror,
                 }
             })
             .collect();
@@ -451,6 +464,10 @@ pub struct Servers {
     by_identity: HashMap<(String, SocketAddr), Arc<Server>>,
     /// Each backend's measurements, kept across swaps while its window stays the same.
     stats: HashMap<String, Arc<Stats>>,
+    /// Each mirroring route's figures, by (route, shadow backend).
+    mirrors: HashMap<(String, String), Arc<MirrorState>>,
+    /// Mirroring's own idle connections, by shadow server.
+    mirror_pools: HashMap<SocketAddr, Arc<Pool>>,
 }
 
 impl Servers {
@@ -468,6 +485,14 @@ impl Servers {
         self.stats.remove(backend);
     }
 
+    fn mirror_state(&mut self, route: &str, shadow: &str) -> Arc<MirrorState> {
+        self.mirrors.entry((route.to_string(), shadow.to_string())).or_default().clone()
+    }
+
+    fn mirror_pool(&mut self, addr: SocketAddr) -> Arc<Pool> {
+        self.mirror_pools.entry(addr).or_default().clone()
+    }
+
     fn get_or_create(&mut self, backend: &str, addr: SocketAddr, health_checked: bool) -> Arc<Server> {
         self.by_identity
             .entry((backend.to_string(), addr))
@@ -482,6 +507,10 @@ impl Servers {
             table.backends.iter().any(|b| &*b.name == backend && b.servers.iter().any(|s| s.addr == *addr))
         });
         self.stats.retain(|backend, _| table.backends.iter().any(|b| &*b.name == backend));
+        let mirrors = || table.routes.iter().filter_map(|r| Some((r, r.mirror.as_ref()?)));
+        self.mirrors
+            .retain(|(route, shadow), _| mirrors().any(|(r, m)| &*r.name == route && m.spec().backend == *shadow));
+        self.mirror_pools.retain(|addr, _| mirrors().any(|(_, m)| m.shadow_servers().any(|s| s.addr == *addr)));
     }
 }
 

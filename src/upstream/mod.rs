@@ -22,6 +22,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::mirror::Tee;
+
 /// Idle connections kept per server; more are closed as they come back.
 const MAX_IDLE_PER_SERVER: usize = 1024;
 
@@ -120,11 +122,14 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, Conn
     Ok(sender)
 }
 
-/// The body of a request on its way to a server: the client's own, streamed as it comes,
+/// The body of a request on its way to a server: the client's own, streamed as it comes
+/// (and copied for a shadow when the request is mirrored), a whole one (a mirrored copy),
 /// or nothing (health checks, replays of bodiless requests).
 #[derive(Debug)]
 pub enum RequestBody {
     Client(Incoming),
+    Mirrored(Box<Tee>),
+    Whole(Option<Bytes>),
     Empty,
 }
 
@@ -136,6 +141,8 @@ impl Body for RequestBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             RequestBody::Client(body) => Pin::new(body).poll_frame(cx),
+            RequestBody::Mirrored(tee) => tee.poll_frame(cx),
+            RequestBody::Whole(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             RequestBody::Empty => Poll::Ready(None),
         }
     }
@@ -144,6 +151,8 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Client(body) => body.is_end_stream(),
+            RequestBody::Mirrored(tee) => tee.inner().is_end_stream(),
+            RequestBody::Whole(bytes) => bytes.is_none(),
             RequestBody::Empty => true,
         }
     }
@@ -152,6 +161,8 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Client(body) => body.size_hint(),
+            RequestBody::Mirrored(tee) => tee.inner().size_hint(),
+            RequestBody::Whole(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             RequestBody::Empty => SizeHint::with_exact(0),
         }
     }

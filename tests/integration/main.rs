@@ -9,6 +9,7 @@ mod errors;
 mod headers;
 mod health;
 mod layout;
+mod mirror;
 mod rollout;
 mod routing;
 mod shutdown;

@@ -1,0 +1,534 @@
+//! Shadow traffic: a sampled share of a route's requests is copied to a shadow backend,
+//! and with `compare` the shadow's answers are compared with the primary's.
+//!
+//! ```text
+//! request ─► Mirror::start: dice, body size, shadow in rotation, in-flight bound
+//!    │          └─ spawns the copy's task ─────────────────────────────────┐
+//!    ├─ body frames ─► Tee ─► primary     (the copy keeps each frame, up to max_body)
+//!    └─ response head and body ─► PrimaryDigest (status, latency, headers, body shape)
+//!                                                                          ▼
+//! copy task: wait for the whole body ─► a shadow server, on the mirror's own pool, with
+//!   its own timeout ─► read and digest the shadow's answer ─► wait for the primary's
+//!   ─► compare ─► count one outcome; keep a sample of the differing
+//! ```
+//!
+//! The primary never waits for the shadow: the copy is taken from frames already on their
+//! way, and everything after is the task's. Shadow requests are not counted against the
+//! shadow's servers (in-flight, outliers) nor against anyone's analysis figures; the only
+//! things they read from the table are which shadow servers are in rotation.
+//!
+//! Every sampled request ends in exactly one [`Outcome`], so the counts add up to the
+//! sampled share of traffic.
+
+pub mod shape;
+mod tee;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::request::Parts;
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Body as _;
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::config::{MirrorSpec, ALL};
+use crate::routes::{Backend, DEFAULT_WINDOW};
+use crate::stats::Stats;
+use crate::upstream::{self, Pool, RequestBody};
+use shape::{Digest, Kind, Shape};
+pub use tee::{BodyCopy, Tee, TooLarge};
+
+/// Marks every mirrored copy, so the shadow (and its logs) can tell.
+pub static MIRROR_HEADER: HeaderName = HeaderName::from_static("x-switchyard-mirror");
+
+/// Differing requests kept for `mirror-report`, most recent first.
+const SAMPLES: usize = 32;
+
+/// What became of one sampled request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Compared: the shadow answered like the primary.
+    Match,
+    StatusMismatch,
+    BodyMismatch,
+    HeaderMismatch,
+    /// `compare` off: the shadow answered.
+    Sent,
+    /// The shadow failed: no connection, no answer within `timeout`, a broken body.
+    ShadowError,
+    /// Not sent: the in-flight bound was reached, or no shadow server is in rotation.
+    Dropped,
+    /// Not sent: the request body was over `max_body`.
+    TooLarge,
+    /// Not compared: the request or the primary's response never ended (the client went
+    /// away), so there was nothing whole to send or compare.
+    Unfinished,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 9] = [
+        Outcome::Match,
+        Outcome::StatusMismatch,
+        Outcome::BodyMismatch,
+        Outcome::HeaderMismatch,
+        Outcome::Sent,
+        Outcome::ShadowError,
+        Outcome::Dropped,
+        Outcome::TooLarge,
+        Outcome::Unfinished,
+    ];
+
+    /// The `result` label of `switchyard_mirror_total` and the key in `mirror-report`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Match => "match",
+            Outcome::StatusMismatch => "status_mismatch",
+            Outcome::BodyMismatch => "body_mismatch",
+            Outcome::HeaderMismatch => "header_mismatch",
+            Outcome::Sent => "sent",
+            Outcome::ShadowError => "shadow_error",
+            Outcome::Dropped => "dropped",
+            Outcome::TooLarge => "too_large",
+            Outcome::Unfinished => "unfinished",
+        }
+    }
+}
+
+/// A route's mirroring figures, carried from one table to the next while the route keeps
+/// mirroring to the same backend.
+#[derive(Debug)]
+pub struct MirrorState {
+    in_flight: AtomicU32,
+    counts: [AtomicU64; Outcome::ALL.len()],
+    /// Latency to the response head of both sides of every compared pair.
+    primary_latency: Stats,
+    shadow_latency: Stats,
+    differences: Mutex<VecDeque<Difference>>,
+}
+
+impl Default for MirrorState {
+    fn default() -> Self {
+        MirrorState {
+            in_flight: AtomicU32::new(0),
+            counts: Default::default(),
+            primary_latency: Stats::new(DEFAULT_WINDOW),
+            shadow_latency: Stats::new(DEFAULT_WINDOW),
+            differences: Mutex::new(VecDeque::with_capacity(SAMPLES)),
+        }
+    }
+}
+
+impl MirrorState {
+    pub fn count(&self, outcome: Outcome) -> u64 {
+        self.counts[outcome as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// One request whose copy did not answer like the primary.
+#[derive(Debug, Clone)]
+struct Difference {
+    at: String,
+    method: Method,
+    path: String,
+    outcome: Outcome,
+    primary_status: Option<u16>,
+    shadow_status: Option<u16>,
+    primary_latency: Option<Duration>,
+    shadow_latency: Option<Duration>,
+    detail: String,
+}
+
+/// One side's answer, reduced to what is compared.
+#[derive(Debug)]
+pub struct Answer {
+    status: StatusCode,
+    latency: Duration,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    shape: Shape,
+}
+
+/// A route's mirror in one table snapshot.
+#[derive(Debug)]
+pub struct Mirror {
+    spec: MirrorSpec,
+    shadow: Arc<Backend>,
+    /// The mirror's own idle connections, one pool per shadow server (in the order of
+    /// `shadow.servers`), shared by every route that mirrors to it.
+    pools: Box<[Arc<Pool>]>,
+    connect_timeout: Duration,
+    upstream_idle_timeout: Duration,
+    pub state: Arc<MirrorState>,
+}
+
+/// Held by the hot path for a mirrored request with `compare`: tells the copy's task how
+/// the primary answered.
+#[derive(Debug)]
+pub struct Primary {
+    mirror: Arc<Mirror>,
+    started: Instant,
+    tx: oneshot::Sender<Answer>,
+}
+
+/// The primary's response body on its way to the client, read for comparison.
+#[derive(Debug)]
+pub struct PrimaryDigest {
+    answer: Answer,
+    digest: Digest,
+    mirror: Arc<Mirror>,
+    tx: oneshot::Sender<Answer>,
+}
+
+/// Releases an in-flight place when the copy's task ends, however it ends.
+#[derive(Debug)]
+struct Slot(Arc<Mirror>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Where the copy's body comes from.
+#[derive(Debug)]
+enum CopyBody {
+    Empty,
+    Streaming(BodyCopy),
+}
+
+impl Mirror {
+    pub fn new(
+        spec: MirrorSpec,
+        shadow: Arc<Backend>,
+        pools: Box<[Arc<Pool>]>,
+        state: Arc<MirrorState>,
+        connect_timeout: Duration,
+        upstream_idle_timeout: Duration,
+    ) -> Mirror {
+        Mirror { spec, shadow, pools, connect_timeout, upstream_idle_timeout, state }
+    }
+
+    pub fn spec(&self) -> &MirrorSpec {
+        &self.spec
+    }
+
+    pub fn shadow_servers(&self) -> impl Iterator<Item = &Arc<crate::routes::Server>> {
+        self.shadow.servers.iter()
+    }
+
+    /// Whether this request is in the sampled share. One random number, and none at 0 %.
+    #[inline]
+    pub fn sampled(&self) -> bool {
+        self.spec.percent > 0 && (self.spec.percent >= ALL || fastrand::u32(0..ALL) < self.spec.percent)
+    }
+
+    fn note(&self, outcome: Outcome) {
+        self.state.counts[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Starts the copy of a sampled request, whose head (as the primary gets it) is
+    /// `parts`. Returns the body to send the primary (a [`Tee`] when there is a body to
+    /// copy) and, with `compare`, the watch the primary's answer goes through. A request
+    /// that cannot be mirrored is counted and goes on as it is.
+    pub fn start(self: &Arc<Self>, parts: &Parts, body: Incoming) -> (RequestBody, Option<Primary>) {
+        let has_body = !body.is_end_stream();
+        if has_body && body.size_hint().lower() > self.spec.max_body {
+            self.note(Outcome::TooLarge);
+            return (RequestBody::Client(body), None);
+        }
+        if !self.shadow.has_server_in_rotation() {
+            self.note(Outcome::Dropped);
+            return (RequestBody::Client(body), None);
+        }
+        if self.state.in_flight.fetch_add(1, Ordering::Relaxed) >= self.spec.max_in_flight {
+            self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+            self.note(Outcome::Dropped);
+            return (RequestBody::Client(body), None);
+        }
+        let slot = Slot(self.clone());
+
+        let mut head = Request::new(());
+        *head.method_mut() = parts.method.clone();
+        *head.uri_mut() = parts.uri.clone();
+        *head.headers_mut() = parts.headers.clone();
+        head.headers_mut().insert(MIRROR_HEADER.clone(), HeaderValue::from_static("1"));
+        let (head, ()) = head.into_parts();
+
+        let (body, copy) = if has_body {
+            let (tee, copy) = Tee::new(body, self.spec.max_body);
+            (RequestBody::Mirrored(Box::new(tee)), CopyBody::Streaming(copy))
+        } else {
+            (RequestBody::Client(body), CopyBody::Empty)
+        };
+        let (primary, answer) = if self.spec.compare {
+            let (tx, rx) = oneshot::channel();
+            (Some(Primary { mirror: self.clone(), started: Instant::now(), tx }), Some(rx))
+        } else {
+            (None, None)
+        };
+        tokio::spawn(self.clone().copy(head, copy, answer, slot));
+        (body, primary)
+    }
+
+    /// The copy's whole life, off the hot path. Its in-flight place is given back when
+    /// the task ends, after the outcome is counted, so a report never sees a copy that is
+    /// neither in flight nor counted. With compare, the place is held until the pair is
+    /// judged: that bounds what pairs in wait keep in memory, not only copies on the wire.
+    async fn copy(
+        self: Arc<Self>,
+        head: Parts,
+        body: CopyBody,
+        primary: Option<oneshot::Receiver<Answer>>,
+        _slot: Slot,
+    ) {
+        let body = match body {
+            CopyBody::Empty => RequestBody::Empty,
+            CopyBody::Streaming(copy) => match copy.await {
+                Ok(Ok(bytes)) => RequestBody::Whole(Some(bytes)),
+                Ok(Err(TooLarge)) => return self.note(Outcome::TooLarge),
+                Err(_) => return self.note(Outcome::Unfinished),
+            },
+        };
+        let (method, path) = (head.method.clone(), head.uri.to_string());
+        let shadow = self.exchange(head, body).await;
+        let Some(primary) = primary else {
+            return match shadow {
+                Ok(_) => self.note(Outcome::Sent),
+                Err(error) => {
+                    tracing::debug!(%method, %path, %error, "mirrored copy failed");
+                    self.note(Outcome::ShadowError);
+                }
+            };
+        };
+        let primary = primary.await.ok();
+        let (outcome, detail) = match (&primary, &shadow) {
+            (_, Err(error)) => (Outcome::ShadowError, error.clone()),
+            (None, Ok(_)) => return self.note(Outcome::Unfinished),
+            (Some(primary), Ok(shadow)) => {
+                let now = Instant::now();
+                self.state.primary_latency.record(now, primary.latency, false);
+                self.state.shadow_latency.record(now, shadow.latency, false);
+                judge(primary, shadow)
+            }
+        };
+        self.note(outcome);
+        if outcome == Outcome::Match {
+            return;
+        }
+        tracing::debug!(%method, %path, result = outcome.label(), %detail, "mirrored copy differs");
+        let shadow = shadow.as_ref().ok();
+        let difference = Difference {
+            at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            method,
+            path,
+            outcome,
+            primary_status: primary.as_ref().map(|p| p.status.as_u16()),
+            shadow_status: shadow.map(|s| s.status.as_u16()),
+            primary_latency: primary.as_ref().map(|p| p.latency),
+            shadow_latency: shadow.map(|s| s.latency),
+            detail,
+        };
+        let mut samples = self.state.differences.lock().unwrap_or_else(|p| p.into_inner());
+        if samples.len() == SAMPLES {
+            samples.pop_back();
+        }
+        samples.push_front(difference);
+    }
+
+    /// Sends the copy to a shadow server in rotation and reads its answer.
+    async fn exchange(&self, head: Parts, body: RequestBody) -> Result<Answer, String> {
+        let usable: Vec<usize> =
+            (0..self.shadow.servers.len()).filter(|&i| self.shadow.servers[i].in_rotation()).collect();
+        let Some(&index) = usable.get(fastrand::usize(0..usable.len().max(1))) else {
+            return Err("no shadow server in rotation".into());
+        };
+        let (server, pool) = (&self.shadow.servers[index], &self.pools[index]);
+        let timeout = self.spec.timeout;
+        let started = Instant::now();
+        let mut req = Request::from_parts(head, body);
+        let mut pooled = pool.take(started, self.upstream_idle_timeout);
+        let (sender, response) = loop {
+            let reused = match pooled.take() {
+                Some(mut sender) => upstream::ready(&mut sender, self.connect_timeout).await.then_some(sender),
+                None => None,
+            };
+            let (mut sender, was_pooled) = match reused {
+                Some(sender) => (sender, true),
+                None => (upstream::connect(server.addr, self.connect_timeout).await.map_err(|e| e.to_string())?, false),
+            };
+            match tokio::time::timeout(timeout.saturating_sub(started.elapsed()), sender.try_send_request(req)).await {
+                Err(_) => return Err(format!("shadow {} sent no response head within {timeout:?}", server.label)),
+                Ok(Ok(response)) => break (sender, response),
+                Ok(Err(mut e)) => match e.take_message() {
+                    // A pooled connection closed under us before the copy left: a fresh one.
+                    Some(unsent) if was_pooled => req = unsent,
+                    _ => return Err(format!("shadow {} failed: {}", server.label, e.into_error())),
+                },
+            }
+        };
+        let answer = read_answer(response, started, &self.spec, timeout).await;
+        // A body cut short leaves its connection in no state to carry another request.
+        if let Ok((_, true)) = &answer {
+            pool.put(sender);
+        }
+        answer.map(|(answer, _)| answer).map_err(|e| format!("shadow {}: {e}", server.label))
+    }
+
+    /// `mirror-report`: the spec, the counts, both sides' latency and the latest
+    /// differences.
+    pub fn report(&self, route: &str, now: Instant) -> Value {
+        let counts: serde_json::Map<String, Value> =
+            Outcome::ALL.iter().map(|&o| (o.label().to_string(), self.state.count(o).into())).collect();
+        let in_flight = self.state.in_flight.load(Ordering::Relaxed);
+        // Every sampled request is either counted in one outcome or still in flight.
+        let sampled = Outcome::ALL.iter().map(|&o| self.state.count(o)).sum::<u64>() + u64::from(in_flight);
+        let ms = |d: Option<Duration>| d.map(|d| (d.as_secs_f64() * 1e5).round() / 100.0);
+        let samples = self.state.differences.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let differences: Vec<Value> = samples
+            .iter()
+            .map(|d| {
+                json!({
+                    "at": d.at,
+                    "method": d.method.as_str(),
+                    "path": d.path,
+                    "result": d.outcome.label(),
+                    "primary_status": d.primary_status,
+                    "shadow_status": d.shadow_status,
+                    "primary_ms": ms(d.primary_latency),
+                    "shadow_ms": ms(d.shadow_latency),
+                    "detail": d.detail,
+                })
+            })
+            .collect();
+        let spec = &self.spec;
+        json!({
+            "ok": true,
+            "route": route,
+            "mirror": {
+                "backend": spec.backend,
+                "percent": f64::from(spec.percent) / 100.0,
+                "compare": spec.compare,
+                "max_body": spec.max_body,
+                "max_in_flight": spec.max_in_flight,
+                "timeout_ms": spec.timeout.as_millis() as u64,
+                "ignore_headers": spec.ignore_headers.iter().map(HeaderName::as_str).collect::<Vec<_>>(),
+                "ignore_json_fields": spec.ignore_json_fields,
+            },
+            "in_flight": in_flight,
+            "sampled": sampled,
+            "counts": counts,
+            "latency": {
+                "window_s": DEFAULT_WINDOW.as_secs(),
+                "primary": self.state.primary_latency.summary(now).to_json(),
+                "shadow": self.state.shadow_latency.summary(now).to_json(),
+            },
+            "differences": differences,
+        })
+    }
+}
+
+/// Reads the shadow's response to its end (or to `max_body`), each frame within
+/// `timeout`. The flag says whether the body was read whole, so the connection can be
+/// reused.
+async fn read_answer(
+    response: Response<Incoming>,
+    started: Instant,
+    spec: &MirrorSpec,
+    timeout: Duration,
+) -> Result<(Answer, bool), String> {
+    let latency = started.elapsed();
+    let (parts, mut body) = response.into_parts();
+    let mut digest = Digest::new(Kind::of(&parts.headers), spec.max_body);
+    let whole = loop {
+        match tokio::time::timeout(timeout, body.frame()).await {
+            Err(_) => return Err(format!("no body data for {timeout:?}")),
+            Ok(None) => break true,
+            Ok(Some(Err(e))) => return Err(format!("body broke off: {e}")),
+            Ok(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    digest.feed(data);
+                }
+                if body.is_end_stream() {
+                    break true;
+                }
+                if digest.over() {
+                    break false;
+                }
+            }
+        }
+    };
+    let answer = Answer {
+        status: parts.status,
+        latency,
+        headers: shape::compared_headers(&parts.headers, &spec.ignore_headers),
+        shape: digest.finish(&spec.ignore_json_fields),
+    };
+    Ok((answer, whole))
+}
+
+/// Whether a pair matches, and if not, the first difference: status, then body, then
+/// headers.
+fn judge(primary: &Answer, shadow: &Answer) -> (Outcome, String) {
+    if primary.status != shadow.status {
+        let detail =
+            format!("status {} in the primary, {} in the shadow", primary.status.as_u16(), shadow.status.as_u16());
+        return (Outcome::StatusMismatch, detail);
+    }
+    if let Some(detail) = shape::body_difference(&primary.shape, &shadow.shape) {
+        return (Outcome::BodyMismatch, detail);
+    }
+    if let Some(detail) = shape::header_difference(&primary.headers, &shadow.headers) {
+        return (Outcome::HeaderMismatch, detail);
+    }
+    (Outcome::Match, String::new())
+}
+
+impl Primary {
+    /// The primary's response head has arrived: its body is read for comparison as it
+    /// streams to the client (attach the result to the response body).
+    pub fn answered<B>(self, response: &Response<B>) -> Box<PrimaryDigest> {
+        let spec = &self.mirror.spec;
+        let digest = Digest::new(Kind::of(response.headers()), spec.max_body);
+        Box::new(PrimaryDigest {
+            answer: Answer {
+                status: response.status(),
+                latency: self.started.elapsed(),
+                headers: shape::compared_headers(response.headers(), &spec.ignore_headers),
+                shape: Shape::Unchecked("not read"),
+            },
+            digest,
+            mirror: self.mirror,
+            tx: self.tx,
+        })
+    }
+
+    /// The primary did not answer; switchyard did, with `status`.
+    pub fn failed(self, status: StatusCode) {
+        let answer = Answer {
+            status,
+            latency: self.started.elapsed(),
+            headers: Vec::new(),
+            shape: Shape::Unchecked("an error answer from switchyard"),
+        };
+        let _ = self.tx.send(answer);
+    }
+}
+
+impl PrimaryDigest {
+    #[inline]
+    pub fn feed(&mut self, data: &[u8]) {
+        self.digest.feed(data);
+    }
+
+    /// The primary's body ended whole: the pair can be judged.
+    pub fn done(self) {
+        let PrimaryDigest { mut answer, digest, mirror, tx } = self;
+        answer.shape = digest.finish(&mirror.spec.ignore_json_fields);
+        let _ = tx.send(answer);
+    }
+}
