@@ -47,7 +47,9 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// The verb and its words: status [ROUTE] | set-weights ROUTE BACKEND=PCT... |
-        /// rollback ROUTE [REASON] | reload | events [N]
+        /// rollback ROUTE [REASON] | promote ROUTE | pause ROUTE | resume ROUTE | reload |
+        /// events [N] | drain TARGET [--deadline DUR] [--wait] | undrain TARGET |
+        /// mirror-report ROUTE
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         words: Vec<String>,
     },

@@ -105,6 +105,20 @@ fn status(answer: &Value, out: &mut String) {
             let _ = write!(out, "  ");
             rollout_line(&route["rollout"], out);
         }
+        let mirror = &route["mirror"];
+        if !mirror.is_null() {
+            let _ = writeln!(
+                out,
+                "  mirror to {} at {}%: {} sampled, {} differ, {} shadow errors, {} not sent (ctl mirror-report {})",
+                text(&mirror["backend"]),
+                mirror["percent"],
+                mirror["sampled"],
+                mirror["differ"],
+                mirror["shadow_errors"],
+                mirror["not_sent"],
+                text(&route["name"])
+            );
+        }
         for backend in route["backends"].as_array().into_iter().flatten() {
             let m = &backend["measured"];
             let ms = |v: &Value| v.as_f64().map_or_else(|| "-".to_string(), |v| format!("{v}ms"));

@@ -865,7 +865,8 @@ impl Control {
                 let live = self.state.routes.get(&*route.name).is_some_and(|r| r.split.is_some());
                 let rollout = self.rollout_spec(&route.name).map_or(Value::Null, |spec| self.rollout_json(&route.name, spec));
                 let source = if !rollout.is_null() { "rollout" } else if live { "live" } else { "config" };
-                json!({ "name": &*route.name, "split": shares_json(split.as_deref()), "split_source": source, "rollout": rollout, "backends": backends })
+                let mirror = route.mirror.as_ref().map_or(Value::Null, |m| m.summary());
+                json!({ "name": &*route.name, "split": shares_json(split.as_deref()), "split_source": source, "rollout": rollout, "mirror": mirror, "backends": backends })
             })
             .collect();
         json!({

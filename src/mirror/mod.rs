@@ -342,9 +342,11 @@ impl Mirror {
 
     /// Sends the copy to a shadow server in rotation and reads its answer.
     async fn exchange(&self, head: Parts, body: RequestBody) -> Result<Answer, String> {
-        let usable: Vec<usize> =
-            (0..self.shadow.servers.len()).filter(|&i| self.shadow.servers[i].in_rotation()).collect();
-        let Some(&index) = usable.get(fastrand::usize(0..usable.len().max(1))) else {
+        // A random server in rotation: scan from a random start.
+        let servers = &self.shadow.servers;
+        let start = fastrand::usize(0..servers.len().max(1));
+        let Some(index) = (0..servers.len()).map(|i| (start + i) % servers.len()).find(|&i| servers[i].in_rotation())
+        else {
             return Err("no shadow server in rotation".into());
         };
         let (server, pool) = (&self.shadow.servers[index], &self.pools[index]);
@@ -377,6 +379,21 @@ impl Mirror {
             pool.put(sender);
         }
         answer.map(|(answer, _)| answer).map_err(|e| format!("shadow {}: {e}", server.label))
+    }
+
+    /// The few figures `status` shows of a route's mirror.
+    pub fn summary(&self) -> Value {
+        let count = |o| self.state.count(o);
+        let in_flight = self.state.in_flight.load(Ordering::Relaxed);
+        json!({
+            "backend": self.spec.backend,
+            "percent": f64::from(self.spec.percent) / 100.0,
+            "compare": self.spec.compare,
+            "sampled": Outcome::ALL.iter().map(|&o| count(o)).sum::<u64>() + u64::from(in_flight),
+            "differ": count(Outcome::StatusMismatch) + count(Outcome::BodyMismatch) + count(Outcome::HeaderMismatch),
+            "shadow_errors": count(Outcome::ShadowError),
+            "not_sent": count(Outcome::Dropped) + count(Outcome::TooLarge),
+        })
     }
 
     /// `mirror-report`: the spec, the counts, both sides' latency and the latest
