@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::request::Parts;
-use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
@@ -104,6 +104,8 @@ impl Outcome {
 /// mirroring to the same backend.
 #[derive(Debug)]
 pub struct MirrorState {
+    /// Requests sampled: each is counted in one outcome once its copy's task ends.
+    sampled: AtomicU64,
     in_flight: AtomicU32,
     counts: [AtomicU64; Outcome::ALL.len()],
     /// Latency to the response head of both sides of every compared pair.
@@ -115,6 +117,7 @@ pub struct MirrorState {
 impl Default for MirrorState {
     fn default() -> Self {
         MirrorState {
+            sampled: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
             counts: Default::default(),
             primary_latency: Stats::new(DEFAULT_WINDOW),
@@ -135,7 +138,7 @@ impl MirrorState {
 struct Difference {
     at: String,
     method: Method,
-    path: String,
+    path: Uri,
     outcome: Outcome,
     primary_status: Option<u16>,
     shadow_status: Option<u16>,
@@ -144,13 +147,46 @@ struct Difference {
     detail: String,
 }
 
+/// One side's answer as it was read. It is reduced for comparison ([`Reading::settle`])
+/// in the copy's task, never on the primary's response path.
+#[derive(Debug)]
+pub struct Reading {
+    status: StatusCode,
+    latency: Duration,
+    headers: HeaderMap,
+    /// The body's digest, or why there is none.
+    body: Result<Digest, &'static str>,
+}
+
 /// One side's answer, reduced to what is compared.
 #[derive(Debug)]
-pub struct Answer {
+struct Answer {
     status: StatusCode,
     latency: Duration,
     headers: Vec<(HeaderName, HeaderValue)>,
     shape: Shape,
+}
+
+impl Reading {
+    async fn settle(self, spec: &MirrorSpec) -> Answer {
+        let shape = match self.body {
+            Err(why) => Shape::Unchecked(why),
+            // Parsing a large JSON body takes milliseconds: not on a proxy worker.
+            Ok(digest) if digest.is_heavy() => {
+                let ignore = spec.ignore_json_fields.clone();
+                tokio::task::spawn_blocking(move || digest.finish(&ignore))
+                    .await
+                    .unwrap_or(Shape::Unchecked("the body could not be read for comparison"))
+            }
+            Ok(digest) => digest.finish(&spec.ignore_json_fields),
+        };
+        Answer {
+            status: self.status,
+            latency: self.latency,
+            headers: shape::compared_headers(&self.headers, &spec.ignore_headers),
+            shape,
+        }
+    }
 }
 
 /// A route's mirror in one table snapshot.
@@ -172,16 +208,17 @@ pub struct Mirror {
 pub struct Primary {
     mirror: Arc<Mirror>,
     started: Instant,
-    tx: oneshot::Sender<Answer>,
+    tx: oneshot::Sender<Reading>,
 }
 
 /// The primary's response body on its way to the client, read for comparison.
 #[derive(Debug)]
 pub struct PrimaryDigest {
-    answer: Answer,
+    status: StatusCode,
+    latency: Duration,
+    headers: HeaderMap,
     digest: Digest,
-    mirror: Arc<Mirror>,
-    tx: oneshot::Sender<Answer>,
+    tx: oneshot::Sender<Reading>,
 }
 
 /// Releases an in-flight place when the copy's task ends, however it ends.
@@ -236,6 +273,7 @@ impl Mirror {
     /// copy) and, with `compare`, the watch the primary's answer goes through. A request
     /// that cannot be mirrored is counted and goes on as it is.
     pub fn start(self: &Arc<Self>, parts: &Parts, body: Incoming) -> (RequestBody, Option<Primary>) {
+        self.state.sampled.fetch_add(1, Ordering::Relaxed);
         let has_body = !body.is_end_stream();
         if has_body && body.size_hint().lower() > self.spec.max_body {
             self.note(Outcome::TooLarge);
@@ -283,7 +321,7 @@ impl Mirror {
         self: Arc<Self>,
         head: Parts,
         body: CopyBody,
-        primary: Option<oneshot::Receiver<Answer>>,
+        primary: Option<oneshot::Receiver<Reading>>,
         _slot: Slot,
     ) {
         let body = match body {
@@ -294,42 +332,49 @@ impl Mirror {
                 Err(_) => return self.note(Outcome::Unfinished),
             },
         };
-        let (method, path) = (head.method.clone(), head.uri.to_string());
-        let shadow = self.exchange(head, body).await;
-        let Some(primary) = primary else {
-            return match shadow {
-                Ok(_) => self.note(Outcome::Sent),
-                Err(error) => {
-                    tracing::debug!(%method, %path, %error, "mirrored copy failed");
-                    self.note(Outcome::ShadowError);
-                }
-            };
-        };
-        let primary = primary.await.ok();
-        let (outcome, detail) = match (&primary, &shadow) {
-            (_, Err(error)) => (Outcome::ShadowError, error.clone()),
-            (None, Ok(_)) => return self.note(Outcome::Unfinished),
-            (Some(primary), Ok(shadow)) => {
-                let now = Instant::now();
-                self.state.primary_latency.record(now, primary.latency, false);
-                self.state.shadow_latency.record(now, shadow.latency, false);
-                judge(primary, shadow)
+        let (method, uri) = (head.method.clone(), head.uri.clone());
+        let shadow = match self.exchange(head, body).await {
+            Ok(shadow) => shadow,
+            Err(error) => {
+                // Counted at once: the primary's answer (its receiver dropped here) would
+                // change nothing, and waiting for it would hold a place for nothing.
+                tracing::debug!(%method, %uri, %error, "mirrored copy failed");
+                self.note(Outcome::ShadowError);
+                return self.sample(method, uri, Outcome::ShadowError, None, None, error);
             }
         };
+        let Some(primary) = primary else { return self.note(Outcome::Sent) };
+        let Ok(primary) = primary.await else { return self.note(Outcome::Unfinished) };
+        let (primary, shadow) = (primary.settle(&self.spec).await, shadow.settle(&self.spec).await);
+        let now = Instant::now();
+        self.state.primary_latency.record(now, primary.latency, false);
+        self.state.shadow_latency.record(now, shadow.latency, false);
+        let (outcome, detail) = judge(&primary, &shadow);
         self.note(outcome);
-        if outcome == Outcome::Match {
-            return;
+        if outcome != Outcome::Match {
+            tracing::debug!(%method, %uri, result = outcome.label(), %detail, "mirrored copy differs");
+            self.sample(method, uri, outcome, Some(&primary), Some(&shadow), detail);
         }
-        tracing::debug!(%method, %path, result = outcome.label(), %detail, "mirrored copy differs");
-        let shadow = shadow.as_ref().ok();
+    }
+
+    /// Keeps a differing request among the latest samples.
+    fn sample(
+        &self,
+        method: Method,
+        path: Uri,
+        outcome: Outcome,
+        primary: Option<&Answer>,
+        shadow: Option<&Answer>,
+        detail: String,
+    ) {
         let difference = Difference {
             at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
             method,
             path,
             outcome,
-            primary_status: primary.as_ref().map(|p| p.status.as_u16()),
+            primary_status: primary.map(|p| p.status.as_u16()),
             shadow_status: shadow.map(|s| s.status.as_u16()),
-            primary_latency: primary.as_ref().map(|p| p.latency),
+            primary_latency: primary.map(|p| p.latency),
             shadow_latency: shadow.map(|s| s.latency),
             detail,
         };
@@ -341,7 +386,7 @@ impl Mirror {
     }
 
     /// Sends the copy to a shadow server in rotation and reads its answer.
-    async fn exchange(&self, head: Parts, body: RequestBody) -> Result<Answer, String> {
+    async fn exchange(&self, head: Parts, body: RequestBody) -> Result<Reading, String> {
         // A random server in rotation: scan from a random start.
         let servers = &self.shadow.servers;
         let start = fastrand::usize(0..servers.len().max(1));
@@ -351,17 +396,18 @@ impl Mirror {
         };
         let (server, pool) = (&self.shadow.servers[index], &self.pools[index]);
         let timeout = self.spec.timeout;
+        let connect_timeout = self.connect_timeout.min(timeout);
         let started = Instant::now();
         let mut req = Request::from_parts(head, body);
         let mut pooled = pool.take(started, self.upstream_idle_timeout);
         let (sender, response) = loop {
             let reused = match pooled.take() {
-                Some(mut sender) => upstream::ready(&mut sender, self.connect_timeout).await.then_some(sender),
+                Some(mut sender) => upstream::ready(&mut sender, connect_timeout).await.then_some(sender),
                 None => None,
             };
             let (mut sender, was_pooled) = match reused {
                 Some(sender) => (sender, true),
-                None => (upstream::connect(server.addr, self.connect_timeout).await.map_err(|e| e.to_string())?, false),
+                None => (upstream::connect(server.addr, connect_timeout).await.map_err(|e| e.to_string())?, false),
             };
             match tokio::time::timeout(timeout.saturating_sub(started.elapsed()), sender.try_send_request(req)).await {
                 Err(_) => return Err(format!("shadow {} sent no response head within {timeout:?}", server.label)),
@@ -378,18 +424,17 @@ impl Mirror {
         if let Ok((_, true)) = &answer {
             pool.put(sender);
         }
-        answer.map(|(answer, _)| answer).map_err(|e| format!("shadow {}: {e}", server.label))
+        answer.map(|(reading, _)| reading).map_err(|e| format!("shadow {}: {e}", server.label))
     }
 
     /// The few figures `status` shows of a route's mirror.
     pub fn summary(&self) -> Value {
         let count = |o| self.state.count(o);
-        let in_flight = self.state.in_flight.load(Ordering::Relaxed);
         json!({
             "backend": self.spec.backend,
             "percent": f64::from(self.spec.percent) / 100.0,
             "compare": self.spec.compare,
-            "sampled": Outcome::ALL.iter().map(|&o| count(o)).sum::<u64>() + u64::from(in_flight),
+            "sampled": self.state.sampled.load(Ordering::Relaxed),
             "differ": count(Outcome::StatusMismatch) + count(Outcome::BodyMismatch) + count(Outcome::HeaderMismatch),
             "shadow_errors": count(Outcome::ShadowError),
             "not_sent": count(Outcome::Dropped) + count(Outcome::TooLarge),
@@ -402,8 +447,7 @@ impl Mirror {
         let counts: serde_json::Map<String, Value> =
             Outcome::ALL.iter().map(|&o| (o.label().to_string(), self.state.count(o).into())).collect();
         let in_flight = self.state.in_flight.load(Ordering::Relaxed);
-        // Every sampled request is either counted in one outcome or still in flight.
-        let sampled = Outcome::ALL.iter().map(|&o| self.state.count(o)).sum::<u64>() + u64::from(in_flight);
+        let sampled = self.state.sampled.load(Ordering::Relaxed);
         let ms = |d: Option<Duration>| d.map(|d| (d.as_secs_f64() * 1e5).round() / 100.0);
         let samples = self.state.differences.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let differences: Vec<Value> = samples
@@ -412,7 +456,7 @@ impl Mirror {
                 json!({
                     "at": d.at,
                     "method": d.method.as_str(),
-                    "path": d.path,
+                    "path": d.path.to_string(),
                     "result": d.outcome.label(),
                     "primary_status": d.primary_status,
                     "shadow_status": d.shadow_status,
@@ -449,18 +493,19 @@ impl Mirror {
     }
 }
 
-/// Reads the shadow's response to its end (or to `max_body`), each frame within
-/// `timeout`. The flag says whether the body was read whole, so the connection can be
-/// reused.
+/// Reads the shadow's response to its end, or to `max_body` (digested for comparison when
+/// `compare`), each frame within `timeout`. The flag says whether the body was read whole,
+/// so the connection can be reused.
 async fn read_answer(
     response: Response<Incoming>,
     started: Instant,
     spec: &MirrorSpec,
     timeout: Duration,
-) -> Result<(Answer, bool), String> {
+) -> Result<(Reading, bool), String> {
     let latency = started.elapsed();
     let (parts, mut body) = response.into_parts();
-    let mut digest = Digest::new(Kind::of(&parts.headers), spec.max_body);
+    let mut digest = spec.compare.then(|| Digest::new(Kind::of(&parts.headers), spec.max_body));
+    let mut read = 0u64;
     let whole = loop {
         match tokio::time::timeout(timeout, body.frame()).await {
             Err(_) => return Err(format!("no body data for {timeout:?}")),
@@ -468,24 +513,23 @@ async fn read_answer(
             Ok(Some(Err(e))) => return Err(format!("body broke off: {e}")),
             Ok(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    digest.feed(data);
+                    read += data.len() as u64;
+                    if let Some(digest) = &mut digest {
+                        digest.feed(data);
+                    }
                 }
                 if body.is_end_stream() {
                     break true;
                 }
-                if digest.over() {
+                // The primary's side stops reading there too.
+                if read > spec.max_body {
                     break false;
                 }
             }
         }
     };
-    let answer = Answer {
-        status: parts.status,
-        latency,
-        headers: shape::compared_headers(&parts.headers, &spec.ignore_headers),
-        shape: digest.finish(&spec.ignore_json_fields),
-    };
-    Ok((answer, whole))
+    let reading = Reading { status: parts.status, latency, headers: parts.headers, body: digest.ok_or("not compared") };
+    Ok((reading, whole))
 }
 
 /// Whether a pair matches, and if not, the first difference: status, then body, then
@@ -509,43 +553,44 @@ impl Primary {
     /// The primary's response head has arrived: its body is read for comparison as it
     /// streams to the client (attach the result to the response body).
     pub fn answered<B>(self, response: &Response<B>) -> Box<PrimaryDigest> {
-        let spec = &self.mirror.spec;
-        let digest = Digest::new(Kind::of(response.headers()), spec.max_body);
         Box::new(PrimaryDigest {
-            answer: Answer {
-                status: response.status(),
-                latency: self.started.elapsed(),
-                headers: shape::compared_headers(response.headers(), &spec.ignore_headers),
-                shape: Shape::Unchecked("not read"),
-            },
-            digest,
-            mirror: self.mirror,
+            status: response.status(),
+            latency: self.started.elapsed(),
+            headers: response.headers().clone(),
+            digest: Digest::new(Kind::of(response.headers()), self.mirror.spec.max_body),
             tx: self.tx,
         })
     }
 
     /// The primary did not answer; switchyard did, with `status`.
     pub fn failed(self, status: StatusCode) {
-        let answer = Answer {
+        let reading = Reading {
             status,
             latency: self.started.elapsed(),
-            headers: Vec::new(),
-            shape: Shape::Unchecked("an error answer from switchyard"),
+            headers: HeaderMap::new(),
+            body: Err("an error answer from switchyard"),
         };
-        let _ = self.tx.send(answer);
+        let _ = self.tx.send(reading);
     }
 }
 
 impl PrimaryDigest {
+    /// Reads the next piece of the body. `false` once nothing more is wanted: the copy was
+    /// abandoned (the shadow failed), or `max_body` has been read (where the shadow's side
+    /// stops too); the body should then call [`done`](Self::done) or drop the digest.
     #[inline]
-    pub fn feed(&mut self, data: &[u8]) {
+    pub fn feed(&mut self, data: &[u8]) -> bool {
+        if self.tx.is_closed() {
+            return false;
+        }
         self.digest.feed(data);
+        !self.digest.over()
     }
 
-    /// The primary's body ended whole: the pair can be judged.
+    /// The primary's body ended whole (or was read as far as is compared): the pair can be
+    /// judged.
     pub fn done(self) {
-        let PrimaryDigest { mut answer, digest, mirror, tx } = self;
-        answer.shape = digest.finish(&mirror.spec.ignore_json_fields);
-        let _ = tx.send(answer);
+        let PrimaryDigest { status, latency, headers, digest, tx } = self;
+        let _ = tx.send(Reading { status, latency, headers, body: Ok(digest) });
     }
 }

@@ -146,6 +146,12 @@ impl Digest {
         }
     }
 
+    /// Whether [`finish`](Self::finish) is work for a blocking thread: a JSON body to parse
+    /// that is larger than a few pages.
+    pub fn is_heavy(&self) -> bool {
+        matches!(&self.state, State::Json(bytes) if bytes.len() > 64 * 1024)
+    }
+
     /// Whether more than `limit` bytes were offered: reading further changes nothing.
     pub fn over(&self) -> bool {
         self.len > self.limit
@@ -289,15 +295,13 @@ fn skeleton(value: &Value, ignore: &[String], path: &str) -> Value {
         Value::Number(_) => Value::from("number"),
         Value::String(_) => Value::from("string"),
         Value::Array(items) => {
-            let mut shapes: Vec<Value> = Vec::new();
+            // Distinct shapes, in the order of their text: the same set whatever the order.
+            let mut shapes = BTreeMap::new();
             for item in items {
                 let shape = skeleton(item, ignore, path);
-                if !shapes.contains(&shape) {
-                    shapes.push(shape);
-                }
+                shapes.entry(shape.to_string()).or_insert(shape);
             }
-            shapes.sort_by_cached_key(Value::to_string);
-            Value::Array(shapes)
+            Value::Array(shapes.into_values().collect())
         }
         Value::Object(fields) => {
             let mut keys: Vec<&String> = fields.keys().collect();

@@ -229,7 +229,11 @@ impl Body for ResponseBody {
                 }
                 let frame = body.pass(frame);
                 if let (Some(digest), Some(data)) = (&mut body.digest, frame.data_ref()) {
-                    digest.feed(data);
+                    if !digest.feed(data) {
+                        if let Some(digest) = body.digest.take() {
+                            digest.done();
+                        }
+                    }
                 }
                 if body.inner.is_end_stream() {
                     body.finish();

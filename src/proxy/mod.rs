@@ -39,6 +39,7 @@ pub use error::ProxyError;
 pub use listener::bind;
 
 use crate::config::Sticky;
+use crate::mirror::MIRROR_HEADER;
 use crate::routes::{self, Backend, DrainOutcome, InFlight, Route, Server, Table, TableReader};
 use crate::upstream::{self, RequestBody, Sender};
 use conn::{ClientIo, ConnShared, Timeouts};
@@ -237,8 +238,16 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         // A sampled share is copied to the route's shadow; upgrades never are.
         let (body, primary) = match &route.mirror {
-            Some(mirror) if upgrade.is_none() && mirror.sampled() => mirror.start(&parts, body),
-            _ => (RequestBody::Client(body), None),
+            Some(mirror) => {
+                // Only switchyard marks copies, so that the shadow can trust the mark.
+                parts.headers.remove(&MIRROR_HEADER);
+                if upgrade.is_none() && mirror.sampled() {
+                    mirror.start(&parts, body)
+                } else {
+                    (RequestBody::Client(body), None)
+                }
+            }
+            None => (RequestBody::Client(body), None),
         };
         let upstream_req = Request::from_parts(parts, body);
 

@@ -47,13 +47,13 @@ async fn report(proxy: &TestProxy) -> Value {
     report
 }
 
-/// Waits until `sampled` requests have each ended in an outcome and no copy is in flight.
+/// Waits until `sampled` requests were sampled and each has ended in an outcome.
 async fn settled(proxy: &TestProxy, sampled: u64) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let report = report(proxy).await;
         let counted: u64 = report["counts"].as_object().expect("counts").values().filter_map(Value::as_u64).sum();
-        if counted >= sampled && report["in_flight"] == 0 {
+        if report["sampled"] == sampled && counted == sampled && report["in_flight"] == 0 {
             return report;
         }
         assert!(tokio::time::Instant::now() < deadline, "mirroring did not settle at {sampled}: {report}");
@@ -81,8 +81,10 @@ async fn every_copy_reaches_the_shadow_whole_and_marked_and_large_bodies_are_cou
     let mut sent = Vec::new();
     for i in 0..20u8 {
         let body: Bytes = (0..100 * 1024).map(|_| fastrand::u8(..)).collect::<Vec<u8>>().into();
-        let (status, _, answer) =
-            fetch(&client, post(&proxy.url(&format!("/upload/{i}")), body.clone())).await.expect("an answer");
+        let mut req = post(&proxy.url(&format!("/upload/{i}")), body.clone());
+        // A client cannot pass its request off as a copy.
+        req.headers_mut().insert("x-switchyard-mirror", http::HeaderValue::from_static("forged"));
+        let (status, _, answer) = fetch(&client, req).await.expect("an answer");
         assert_eq!((status, answer), (StatusCode::OK, (100 * 1024).to_string()));
         sent.push(body);
     }
@@ -90,9 +92,21 @@ async fn every_copy_reaches_the_shadow_whole_and_marked_and_large_bodies_are_cou
     let (status, _, _) = fetch(&client, post(&proxy.url("/upload/large"), large)).await.expect("an answer");
     assert_eq!(status, StatusCode::OK, "a body over max_body still reaches the primary");
 
-    let report = settled(&proxy, 21).await;
+    // Chunked, so the size is only found while it streams: 1.25 MiB in 64 KiB chunks.
+    let mut chunked =
+        b"POST /upload/chunked HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n".to_vec();
+    for _ in 0..20 {
+        chunked.extend_from_slice(format!("{:x}\r\n", 64 * 1024).as_bytes());
+        chunked.extend_from_slice(&[b'y'; 64 * 1024]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let answer = raw_exchange(proxy.addr, &chunked).await;
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with(&(1280 * 1024).to_string()), "{answer}");
+
+    let report = settled(&proxy, 22).await;
     assert_eq!(report["counts"]["match"], 20, "{report}");
-    assert_eq!(report["counts"]["too_large"], 1, "{report}");
+    assert_eq!(report["counts"]["too_large"], 2, "{report}");
 
     let copies = shadow_saw.lock().expect("lock").clone();
     assert_eq!(copies.len(), 20, "the shadow gets every copy but the one over max_body");
@@ -101,8 +115,12 @@ async fn every_copy_reaches_the_shadow_whole_and_marked_and_large_bodies_are_cou
         assert!(sent.contains(body), "copy {i} carries a body identical to one sent ({} bytes)", body.len());
     }
     let originals = primary_saw.lock().expect("lock");
-    assert_eq!(originals.len(), 21);
+    assert_eq!(originals.len(), 22);
     assert!(originals.iter().all(|(header, _)| header.is_none()), "the primary's requests are not marked");
+    assert!(
+        copies.iter().all(|(header, _)| header.as_deref() == Some("1")),
+        "only switchyard's mark reaches the shadow"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,13 +159,13 @@ async fn ten_percent_of_5000_requests_are_mirrored_within_tolerance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_shadow_gets_at_most_max_in_flight_copies_and_the_rest_are_dropped() {
     let primary = TestServer::named("primary").await;
-    let release = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
     let held = release.clone();
     let shadow = TestServer::with_handler("shadow", move |_req| {
         let held = held.clone();
         async move {
             // Slow until the test lets it go (at most 10 s).
-            let _ = tokio::time::timeout(Duration::from_secs(10), held.notified()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(10), held.acquire()).await;
             Response::new(text("late"))
         }
     })
@@ -168,7 +186,7 @@ async fn a_slow_shadow_gets_at_most_max_in_flight_copies_and_the_rest_are_droppe
     assert_eq!(report["in_flight"], 4, "{report}");
     assert_eq!(report["counts"]["dropped"], 36, "{report}");
 
-    release.notify_waiters();
+    release.add_permits(40);
     let report = settled(&proxy, 40).await;
     assert_eq!(report["counts"]["sent"], 4, "{report}");
     assert_eq!(shadow.request_count(), 4);
