@@ -192,6 +192,38 @@ async fn a_slow_shadow_gets_at_most_max_in_flight_copies_and_the_rest_are_droppe
     assert_eq!(shadow.request_count(), 4);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_slower_than_its_timeout_is_counted_as_a_shadow_error_with_the_reason() {
+    let primary = TestServer::named("primary").await;
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let held = release.clone();
+    let shadow = TestServer::with_handler("shadow", move |_req| {
+        let held = held.clone();
+        async move {
+            let _ = tokio::time::timeout(Duration::from_secs(10), held.acquire()).await;
+            Response::new(text("late"))
+        }
+    })
+    .await;
+    let config = mirrored_route(
+        &primary,
+        &format!("\"{}\"", shadow.addr),
+        "backend = \"shadow\", percent = 100, compare = true, timeout = \"100ms\"",
+    );
+    let proxy = TestProxy::start(&config).await;
+    let client = client();
+    for _ in 0..5 {
+        let (status, _, _) = fetch(&client, get(&proxy.url("/slow"))).await.expect("an answer");
+        assert_eq!(status, StatusCode::OK);
+    }
+    let report = settled(&proxy, 5).await;
+    release.add_permits(5);
+    assert_eq!(report["counts"]["shadow_error"], 5, "{report}");
+    let detail = report["differences"][0]["detail"].as_str().expect("a sampled error");
+    assert!(detail.contains("sent no response head within 100ms"), "{detail}");
+    assert_eq!(report["differences"][0]["result"], "shadow_error");
+}
+
 /// A primary and a shadow that answer alike on `/same/*` and differently on `/diff/*`;
 /// request ids and a trace field differ everywhere and are ignored.
 async fn agent(name: &'static str, shadow: bool) -> TestServer {
