@@ -7,7 +7,8 @@
 //! - anything else → `{"version": ..., "path": ...}`
 //!
 //! Every answer carries `x-agent-version`. A faulty agent ([`Agent::faulty`]) answers
-//! every Nth request (health checks aside) with a 500, like a bad build.
+//! every Nth request (health checks aside) with a 500, like a bad build. A chatty one
+//! ([`Agent::chatty`]) streams more tokens than asked for, like a build whose model runs on.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -45,21 +46,26 @@ impl Drop for Agent {
 impl Agent {
     /// Starts an agent on 127.0.0.1 on a free port.
     pub async fn start(version: &str) -> std::io::Result<Agent> {
-        Self::start_with(version, None).await
+        Self::start_with(version, None, 0).await
     }
 
     /// An agent that fails every `nth` request with a 500.
     pub async fn faulty(version: &str, nth: u64) -> std::io::Result<Agent> {
-        Self::start_with(version, Some(nth.max(1))).await
+        Self::start_with(version, Some(nth.max(1)), 0).await
     }
 
-    async fn start_with(version: &str, fail_every: Option<u64>) -> std::io::Result<Agent> {
+    /// An agent that streams `extra` more tokens than each chat asks for.
+    pub async fn chatty(version: &str, extra: u64) -> std::io::Result<Agent> {
+        Self::start_with(version, None, extra).await
+    }
+
+    async fn start_with(version: &str, fail_every: Option<u64>, extra_tokens: u64) -> std::io::Result<Agent> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
         let version_header = HeaderValue::from_str(version).unwrap_or(HeaderValue::from_static("unknown"));
         let faults = fail_every.map(|n| (n, Arc::new(AtomicU64::new(0))));
-        tokio::spawn(serve(listener, version_header, faults, stop.clone()));
+        tokio::spawn(serve(listener, version_header, faults, extra_tokens, stop.clone()));
         Ok(Agent { addr, version: version.to_string(), stop })
     }
 }
@@ -67,7 +73,7 @@ impl Agent {
 /// Every how many requests to fail, and the count so far.
 type Faults = Option<(u64, Arc<AtomicU64>)>;
 
-async fn serve(listener: TcpListener, version: HeaderValue, faults: Faults, stop: CancellationToken) {
+async fn serve(listener: TcpListener, version: HeaderValue, faults: Faults, extra: u64, stop: CancellationToken) {
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
@@ -83,7 +89,7 @@ async fn serve(listener: TcpListener, version: HeaderValue, faults: Faults, stop
             let service = service_fn(move |req| {
                 let fail = req.uri().path() != "/health"
                     && faults.as_ref().is_some_and(|(n, count)| count.fetch_add(1, Ordering::Relaxed) % n == 0);
-                answer(req, version.clone(), fail)
+                answer(req, version.clone(), fail, extra)
             });
             let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
@@ -102,11 +108,22 @@ fn full(text: String) -> Body {
     Full::new(Bytes::from(text)).boxed()
 }
 
+fn json(text: String) -> Response<Body> {
+    let mut r = Response::new(full(text));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
 fn query_number(req: &Request<Incoming>, key: &str) -> Option<u64> {
     req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
-async fn answer(req: Request<Incoming>, version: HeaderValue, fail: bool) -> Result<Response<Body>, Infallible> {
+async fn answer(
+    req: Request<Incoming>,
+    version: HeaderValue,
+    fail: bool,
+    extra: u64,
+) -> Result<Response<Body>, Infallible> {
     let v = version.to_str().unwrap_or("unknown").to_string();
     let mut response = match req.uri().path() {
         _ if fail => {
@@ -116,7 +133,7 @@ async fn answer(req: Request<Incoming>, version: HeaderValue, fail: bool) -> Res
         }
         "/health" => Response::new(full(format!("ok {v}\n"))),
         "/chat" => {
-            let tokens = query_number(&req, "tokens").unwrap_or(5).min(1000);
+            let tokens = query_number(&req, "tokens").unwrap_or(5).min(1000) + extra;
             let mut r = Response::new(token_stream(v.clone(), tokens).boxed());
             r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
             r
@@ -124,9 +141,9 @@ async fn answer(req: Request<Incoming>, version: HeaderValue, fail: bool) -> Res
         "/poll" => {
             let ms = query_number(&req, "ms").unwrap_or(1000).min(60_000);
             tokio::time::sleep(Duration::from_millis(ms)).await;
-            Response::new(full(format!("{{\"version\":\"{v}\",\"waited_ms\":{ms}}}\n")))
+            json(format!("{{\"version\":\"{v}\",\"waited_ms\":{ms}}}\n"))
         }
-        path => Response::new(full(format!("{{\"version\":\"{v}\",\"path\":\"{path}\"}}\n"))),
+        path => json(format!("{{\"version\":\"{v}\",\"path\":\"{path}\"}}\n")),
     };
     response.headers_mut().insert("x-agent-version", version);
     Ok(response)

@@ -7,10 +7,12 @@
 //!    rolled out: switchyard measures it, rolls it back and says why. One stable server is
 //!    drained meanwhile.
 //! 2. The config names the healthy canary: a new rollout, promoted step by step to 100 %.
+//! 3. The config adds a shadow of the next version, which streams more tokens than asked:
+//!    every request is copied to it and its answers compared; no client ever sees them.
 //!
 //! The demo checks the story: the faulty canary rolled back, the healthy one complete,
 //! nothing failed but the faulty canary's own errors, no conversation changed version but by
-//! that rollback.
+//! that rollback, the shadow's differences found and none of its answers reaching a client.
 
 pub mod agent;
 
@@ -34,6 +36,10 @@ use crate::control::{Actor, Command};
 const STABLE: &str = "v1.0.0";
 const FAULTY: &str = "v1.1.0";
 const HEALTHY: &str = "v1.2.0";
+const SHADOW: &str = "v1.3.0";
+/// The shadow streams this many tokens more than each chat asks for.
+const SHADOW_EXTRA_TOKENS: u64 = 2;
+const SHADOW_FOR: Duration = Duration::from_secs(2);
 /// The faulty canary fails one request in this many.
 const FAULTY_EVERY: u64 = 4;
 const CONVERSATIONS: usize = 60;
@@ -79,14 +85,15 @@ pub async fn run(out: &mut impl Write) -> Result<(), DemoError> {
     let stable_2 = Agent::start(STABLE).await.map_err(DemoError::Agent)?;
     let faulty = Agent::faulty(FAULTY, FAULTY_EVERY).await.map_err(DemoError::Agent)?;
     let healthy = Agent::start(HEALTHY).await.map_err(DemoError::Agent)?;
+    let shadow = Agent::chatty(SHADOW, SHADOW_EXTRA_TOKENS).await.map_err(DemoError::Agent)?;
     let run_dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
     std::fs::create_dir_all(&run_dir).map_err(DemoError::ConfigFile)?;
     let config_path = run_dir.join("switchyard.toml");
-    let write_config = |canary: &Agent| {
-        std::fs::write(&config_path, demo_config([stable.addr, stable_2.addr], canary, &run_dir))
+    let write_config = |canary: &Agent, shadow: Option<&Agent>| {
+        std::fs::write(&config_path, demo_config([stable.addr, stable_2.addr], canary, shadow, &run_dir))
             .map_err(DemoError::ConfigFile)
     };
-    write_config(&faulty)?;
+    write_config(&faulty, None)?;
     let config = crate::config::load(&config_path)?.config;
     let proxy = crate::app::start(config, Some(config_path.clone())).await?;
     let addr = proxy.http_addr().ok_or(crate::app::StartError::NoListener)?;
@@ -115,7 +122,7 @@ pub async fn run(out: &mut impl Write) -> Result<(), DemoError> {
 
     say(out, String::new())?;
     say(out, format!("act 2: the config now names canary {HEALTHY} on {} (a new rollout)", healthy.addr))?;
-    write_config(&healthy)?;
+    write_config(&healthy, None)?;
     let reloaded = proxy.command(Command::Reload, Actor::Switchyard).await;
     if reloaded["ok"] != true {
         return Err(DemoError::Story(format!("the new config was refused: {}", reloaded["error"])));
@@ -126,15 +133,34 @@ pub async fn run(out: &mut impl Write) -> Result<(), DemoError> {
     let act_2 = follow_rollout(&proxy, "Complete", out).await?;
     let act_2_conversations = gather(tasks).await;
     report(out, &act_2_conversations)?;
-    proxy.stop().await;
-    let _ = std::fs::remove_dir_all(&run_dir);
     if act_2["state"] != "Complete" {
         return Err(DemoError::Story(format!("the healthy canary did not complete: {}", act_2["status"])));
     }
-    say(out, String::new())?;
     say(out, format!("  {HEALTHY} serves 100 %: the rollout is complete"))?;
 
-    let all = act_1_conversations.iter().chain(&act_2_conversations);
+    say(out, String::new())?;
+    say(
+        out,
+        format!(
+            "act 3: the config adds shadow {SHADOW} on {} (it streams {SHADOW_EXTRA_TOKENS} tokens more than asked); every request is copied to it",
+            shadow.addr
+        ),
+    )?;
+    write_config(&healthy, Some(&shadow))?;
+    let reloaded = proxy.command(Command::Reload, Actor::Switchyard).await;
+    if reloaded["ok"] != true {
+        return Err(DemoError::Story(format!("the shadow config was refused: {}", reloaded["error"])));
+    }
+    let deadline = Instant::now() + SHADOW_FOR;
+    let tasks: Vec<_> =
+        (0..CONVERSATIONS).map(|i| tokio::spawn(converse(addr, format!("conv-{i:03}"), deadline))).collect();
+    let act_3_conversations = gather(tasks).await;
+    report(out, &act_3_conversations)?;
+    let mirror = mirror_outcome(&proxy, out).await?;
+    proxy.stop().await;
+    let _ = std::fs::remove_dir_all(&run_dir);
+
+    let all = act_1_conversations.iter().chain(&act_2_conversations).chain(&act_3_conversations);
     let failures: u64 = all.clone().map(|c| c.failures).sum();
     // Conversations move only when the faulty canary is rolled back, or (act 2) when the
     // cohort grows onto the new canary; never back and forth.
@@ -143,13 +169,52 @@ pub async fn run(out: &mut impl Write) -> Result<(), DemoError> {
             + act_2_conversations.iter().filter(|c| c.versions.len() > 1 && !c.versions.contains_key(HEALTHY)).count();
     say(out, format!("  failed: {failures} (beyond the faulty canary's own errors)"))?;
     say(out, format!("  conversations that changed version other than by the rollout: {flipped}"))?;
+    let shadow_seen = act_3_conversations.iter().filter(|c| c.versions.contains_key(SHADOW)).count();
+    say(out, format!("  conversations answered by the shadow: {shadow_seen}"))?;
     if failures > 0 {
         return Err(DemoError::Failures(failures));
     }
     if flipped > 0 {
         return Err(DemoError::Flipped(flipped));
     }
+    let count = |outcome: &str| mirror["counts"][outcome].as_u64().unwrap_or(0);
+    if shadow_seen > 0 || count("match") == 0 || count("body_mismatch") == 0 {
+        return Err(DemoError::Story(format!("mirroring did not go as expected: {mirror}")));
+    }
     Ok(())
+}
+
+/// Waits for the last copies to be judged, then prints what the comparison found.
+async fn mirror_outcome(proxy: &crate::app::Running, out: &mut impl Write) -> Result<serde_json::Value, DemoError> {
+    let asked = Instant::now();
+    let report = loop {
+        let report = proxy.command(Command::MirrorReport { route: "agent".into() }, Actor::Switchyard).await;
+        if report["in_flight"] == 0 || asked.elapsed() > Duration::from_secs(5) {
+            break report;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let counts: Vec<String> = report["counts"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, n)| n.as_u64().is_some_and(|n| n > 0))
+        .map(|(outcome, n)| format!("{outcome} {n}"))
+        .collect();
+    let mut lines = vec![format!("  copies compared: {} sampled: {}", report["sampled"], counts.join(", "))];
+    if let Some(d) = report["differences"].as_array().and_then(|d| d.first()) {
+        lines.push(format!(
+            "  e.g. {} {}: {}",
+            d["method"].as_str().unwrap_or("?"),
+            d["path"].as_str().unwrap_or("?"),
+            d["detail"].as_str().unwrap_or("?")
+        ));
+    }
+    lines.push("  (long-polls answer alike by JSON structure; the chat streams differ in their event counts)".into());
+    for line in lines {
+        writeln!(out, "{line}").map_err(DemoError::Output)?;
+    }
+    Ok(report)
 }
 
 /// A third of the way into act 1, drains one stable server while conversations run on it,
@@ -255,10 +320,19 @@ fn report(out: &mut impl Write, conversations: &[Conversation]) -> Result<(), De
     Ok(())
 }
 
-fn demo_config(stable: [SocketAddr; 2], canary: &Agent, run_dir: &std::path::Path) -> String {
+fn demo_config(stable: [SocketAddr; 2], canary: &Agent, shadow: Option<&Agent>, run_dir: &std::path::Path) -> String {
     let [stable, stable_2] = stable;
     let run = run_dir.display();
     let (canary_addr, canary_version) = (canary.addr, &canary.version);
+    // The shadow's own version header would differ on every answer: it is not compared.
+    let (shadow_backend, mirror) = match shadow {
+        None => (String::new(), String::new()),
+        Some(shadow) => (
+            format!("[backends.shadow]\nservers = [\"{}\"]\nversion = \"{}\"\n", shadow.addr, shadow.version),
+            "mirror = { backend = \"shadow\", percent = 100, compare = true, max_in_flight = 256, ignore_headers = [\"x-agent-version\"] }\n"
+                .to_string(),
+        ),
+    };
     format!(
         r#"
 [listen]
@@ -279,11 +353,12 @@ version = "{STABLE}"
 servers = ["{canary_addr}"]
 version = "{canary_version}"
 
+{shadow_backend}
 [[routes]]
 name = "agent"
 split = {{ stable = 100 }}
 sticky = {{ header = "{STICKY_HEADER}" }}
-
+{mirror}
 [routes.rollout]
 strategy = "canary"
 stable = "stable"

@@ -126,7 +126,7 @@ async fn run_serves_logs_json_and_stops_on_sigterm() {
 /// the whole story: a faulty canary measured and rolled back with its reason, a drain, a
 /// healthy canary promoted step by step to 100 %.
 #[test]
-fn the_demo_tells_the_rollout_story_and_shows_a_drain() {
+fn the_demo_tells_the_rollout_story_shows_a_drain_and_compares_a_shadow() {
     let (code, out, err) = switchyard(&["demo"]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("failed: 0 (beyond"), "{out}");
@@ -142,4 +142,9 @@ fn the_demo_tells_the_rollout_story_and_shows_a_drain() {
         "the drained server's in-flight count reaches 0: {drain}"
     );
     assert!(act_1.contains("v1.1.0") && act_2.contains("v1.2.0"), "both canaries served: {out}");
+    let (_, act_3) = out.split_once("act 3").unwrap_or_else(|| panic!("three acts:\n{out}"));
+    assert!(act_3.contains("conversations answered by the shadow: 0"), "{out}");
+    let compared = act_3.lines().find(|l| l.contains("copies compared")).unwrap_or_else(|| panic!("{out}"));
+    assert!(compared.contains("match") && compared.contains("body_mismatch"), "{compared}");
+    assert!(act_3.contains("token 8) in the primary") && act_3.contains("token 10) in the shadow"), "{out}");
 }
