@@ -34,10 +34,15 @@ async fn recording(name: &str) -> (TestServer, Copies) {
     (server, copies)
 }
 
+/// A `primary` backend and a route `agent` to it that mirrors to `shadow_servers`.
 fn mirrored_route(primary: &TestServer, shadow_servers: &str, mirror: &str) -> String {
+    format!("{}{}", backend("primary", &[primary]), mirrored_to(shadow_servers, mirror))
+}
+
+/// The shadow backend and the mirroring route `agent`, for a config that defines `primary`.
+fn mirrored_to(shadow_servers: &str, mirror: &str) -> String {
     format!(
-        "{}[backends.shadow]\nservers = [{shadow_servers}]\n[[routes]]\nname = \"agent\"\nsplit = {{ primary = 100 }}\nmirror = {{ {mirror} }}\n",
-        backend("primary", &[primary]),
+        "[backends.shadow]\nservers = [{shadow_servers}]\n[[routes]]\nname = \"agent\"\nsplit = {{ primary = 100 }}\nmirror = {{ {mirror} }}\n"
     )
 }
 
@@ -306,6 +311,82 @@ async fn answers_are_compared_by_meaning_and_exactly_the_differing_paths_are_rep
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gets_the_same_answer_with_and_without_a_mirror() {
+    let primary = TestServer::with_handler("primary", |req: Request<hyper::body::Incoming>| async move {
+        let path = req.uri().path().to_string();
+        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let mut response = Response::new(text(body.iter().rev().copied().collect::<Vec<u8>>()));
+        response.headers_mut().insert("x-path", http::HeaderValue::from_str(&path).expect("a path"));
+        response
+    })
+    .await;
+    let shadow = TestServer::with_handler("shadow", |_req| async {
+        let mut response = Response::new(text("something else entirely"));
+        *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        response
+    })
+    .await;
+    // The plain route comes first and takes Host "plain"; the mirrored one takes the rest.
+    let config = format!(
+        "{}{}{}",
+        backend("primary", &[&primary]),
+        "[[routes]]\nname = \"plain\"\nhosts = [\"plain\"]\nsplit = { primary = 100 }\n",
+        mirrored_to(&format!("\"{}\"", shadow.addr), "backend = \"shadow\", percent = 100, compare = true"),
+    );
+    let proxy = TestProxy::start(&config).await;
+    let client = client();
+    let body: Bytes = (0..50 * 1024).map(|_| fastrand::u8(..)).collect::<Vec<u8>>().into();
+    let mut answers = Vec::new();
+    for host in ["plain", "mirrored"] {
+        let mut req = post(&proxy.url("/turn?n=1"), body.clone());
+        req.headers_mut().insert("host", http::HeaderValue::from_static(host));
+        let (status, mut headers, text) = fetch(&client, req).await.expect("an answer");
+        headers.remove("date");
+        answers.push((status, headers, text));
+    }
+    assert_eq!(answers[0], answers[1], "the mirrored route answers exactly as the plain one");
+    assert_eq!(answers[0].0, StatusCode::OK);
+    let report = settled(&proxy, 1).await;
+    assert_eq!(report["counts"]["status_mismatch"], 1, "the copy was made and differed: {report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_mid_stream_leaves_its_copy_unfinished() {
+    let stream = |name: &'static str| {
+        TestServer::with_handler(name, |_req| async {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, std::convert::Infallible>>(1);
+            tokio::spawn(async move {
+                for i in 0..50 {
+                    let event = Bytes::from(format!("data: token {i}\n\n"));
+                    if tx.send(Ok(http_body::Frame::data(event))).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
+            let mut response = Response::new(http_body_util::StreamBody::new(tokio_stream_of(rx)).boxed());
+            response.headers_mut().insert("content-type", http::HeaderValue::from_static("text/event-stream"));
+            response
+        })
+    };
+    let primary = stream("primary").await;
+    let shadow = TestServer::named("shadow").await;
+    let config = mirrored_route(
+        &primary,
+        &format!("\"{}\"", shadow.addr),
+        "backend = \"shadow\", percent = 100, compare = true",
+    );
+    let proxy = TestProxy::start(&config).await;
+    let response = client().request(get(&proxy.url("/chat"))).await.expect("a response head");
+    let mut body = response.into_body();
+    let first = body.frame().await.expect("a first event").expect("data");
+    assert!(first.data_ref().is_some_and(|d| d.starts_with(b"data: token 0")));
+    drop(body);
+    let report = settled(&proxy, 1).await;
+    assert_eq!(report["counts"]["unfinished"], 1, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_failures_never_touch_the_primary_figures_and_upgrades_are_never_mirrored() {
     let primary = TestServer::named("primary").await;
     let shadow = TestServer::with_handler("shadow", |_req| async {
@@ -394,4 +475,9 @@ async fn a_mirror_is_switched_on_and_off_by_the_config_file_without_touching_the
     let events = admin(&proxy, "events 10").await.to_string();
     assert!(events.contains("mirror off -> to shadow at 100 %"), "{events}");
     assert!(events.contains("mirror to shadow at 100 % -> off"), "{events}");
+}
+
+/// A receiver as a stream of body frames.
+fn tokio_stream_of<T>(rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
 }
