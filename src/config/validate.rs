@@ -649,9 +649,25 @@ impl Validator {
         }
     }
 
-    /// Routes that can never match because an earlier route takes all their requests.
+    /// Routes that can never match because an earlier route takes all their requests, and
+    /// mirrors whose shadow also serves the route (it would get sampled requests twice).
     fn warnings(&self, file: &File, config: &Config) -> Vec<Warning> {
         let mut out = Vec::new();
+        for (i, route) in config.routes.iter().enumerate() {
+            let (Some(mirror), Some(located)) = (&route.mirror, &file.routes[i].get_ref().mirror) else { continue };
+            let serves = route.split.iter().any(|(b, w)| *b == mirror.backend && *w > 0)
+                || route.rollout.as_ref().is_some_and(|r| r.stable == mirror.backend || r.canary == mirror.backend);
+            if serves {
+                out.push(self.located(
+                    &format!("routes[{i}].mirror.backend"),
+                    located.span(),
+                    format!(
+                        "route {:?} mirrors to {:?}, which also serves it: its sampled requests reach that backend twice",
+                        route.name, mirror.backend
+                    ),
+                ));
+            }
+        }
         for (i, later) in config.routes.iter().enumerate() {
             if let Some(earlier) = config.routes[..i].iter().find(|e| shadows(e, later)) {
                 out.push(self.located(
@@ -811,6 +827,15 @@ request_timeout = "forever"
         let w = parse(&text).expect("valid").warnings;
         assert_eq!(w.len(), 1);
         assert!(w[0].message.contains("\"api\" is never reached"));
+    }
+
+    #[test]
+    fn a_mirror_to_a_backend_of_the_route_is_a_warning() {
+        let text = format!("{BASE}mirror = {{ backend = \"blue\", percent = 5 }}\n");
+        let w = parse(&text).expect("valid").warnings;
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert_eq!(w[0].key, "routes[0].mirror.backend");
+        assert!(w[0].message.contains("also serves it"), "{}", w[0].message);
     }
 
     #[test]
