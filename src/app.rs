@@ -211,6 +211,9 @@ impl Running {
         self.shutdown.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        // A change made in the last moments may still wait for its write (the control
+        // path outlives the admin socket: this handle keeps it).
+        self.control.send(control::Command::Flush, control::Actor::Switchyard).await;
         tracing::info!("switchyard stopped");
     }
 }

@@ -81,6 +81,9 @@ pub enum Command {
     MirrorReport {
         route: String,
     },
+    /// Writes the state file now if a change is waiting to be written (sent by the
+    /// persistence timer, and by shutdown).
+    Flush,
     /// The in-flight count of a drain target's servers and what its deadline did to them
     /// (for `drain --wait`).
     DrainProgress {
@@ -141,10 +144,18 @@ pub struct Control {
     /// The rollout engine's last tick, and the last time its progress was saved.
     last_tick: Option<tokio::time::Instant>,
     last_saved: Option<tokio::time::Instant>,
+    /// When the state file was last written, and whether a change waits for the next write.
+    last_persist: Option<tokio::time::Instant>,
+    persist_pending: bool,
 }
 
 /// How often the rollout engine looks at its routes (holds, analysis).
 const TICK: Duration = Duration::from_millis(250);
+/// Writing the state file takes an fsync of the file and one of its directory: about a
+/// millisecond of kernel time here. Changes closer together than this (a script, a burst)
+/// are written together at the end of the interval; a change after a quiet interval is
+/// written before it is answered.
+const PERSIST_INTERVAL: Duration = Duration::from_millis(100);
 /// How often a running rollout's hold time is saved, so that a restart resumes it.
 const SAVE_PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
@@ -192,6 +203,8 @@ impl Control {
             drain_serial: 0,
             last_tick: None,
             last_saved: None,
+            last_persist: None,
+            persist_pending: false,
         };
         control.reconcile();
         control.reconcile_rollouts(&Actor::Switchyard);
@@ -214,8 +227,9 @@ impl Control {
     /// follow the config's addresses.
     ///
     /// The loop has an OS thread of its own: it writes and fsyncs the state file before
-    /// answering (an answered rollback survives a crash), and those milliseconds of disk
-    /// wait must never stall a worker that is proxying requests.
+    /// answering a change that follows a quiet spell (an operator's answered rollback
+    /// survives a crash; see [`PERSIST_INTERVAL`]), and those milliseconds of disk wait
+    /// must never stall a worker that is proxying requests.
     pub fn spawn(mut self, listeners: Box<dyn Listeners>) -> Handle {
         self.listeners = Some(listeners);
         self.health.sync(&self.base, &self.table.current());
@@ -267,6 +281,12 @@ impl Control {
             Command::Pause { route } => self.rollout_command(&route, "pause", &actor),
             Command::Resume { route } => self.rollout_command(&route, "resume", &actor),
             Command::Tick => self.tick(),
+            Command::Flush => {
+                if self.persist_pending {
+                    self.write_state();
+                }
+                json!({ "ok": true })
+            }
             Command::MirrorReport { route } => self.mirror_report(&route),
             Command::DrainProgress { target } => match self.drain_servers(&target) {
                 Ok(servers) => drain_progress(&target, &servers),
@@ -661,7 +681,31 @@ impl Control {
         self.generation
     }
 
+    /// Makes the state durable: at once after a quiet [`PERSIST_INTERVAL`], else at the
+    /// interval's end (a [`Command::Flush`] from a timer), with every change made meanwhile.
     fn persist(&mut self) {
+        let now = tokio::time::Instant::now();
+        let due = self.last_persist.map_or(now, |last| last + PERSIST_INTERVAL);
+        let own = self.own.clone();
+        match own {
+            Some(own) if due > now => {
+                if !self.persist_pending {
+                    self.persist_pending = true;
+                    tokio::spawn(async move {
+                        tokio::time::sleep_until(due).await;
+                        let Some(tx) = own.upgrade() else { return };
+                        let (reply, _) = oneshot::channel();
+                        let _ = tx.send((Command::Flush, Actor::Switchyard, reply)).await;
+                    });
+                }
+            }
+            _ => self.write_state(),
+        }
+    }
+
+    fn write_state(&mut self) {
+        self.persist_pending = false;
+        self.last_persist = Some(tokio::time::Instant::now());
         if let Err(e) = self.state_file.save(&self.state) {
             tracing::error!(error = %e, "cannot persist the runtime state; the change is in force but will not survive a restart");
         }

@@ -152,6 +152,30 @@ async fn live_splits_survive_a_restart() {
 }
 
 #[tokio::test]
+async fn a_burst_of_changes_is_written_as_a_whole_and_survives_a_clean_stop() {
+    let blue = TestServer::named("blue").await;
+    let green = TestServer::named("green").await;
+    let config = blue_green("blue = 100, green = 0")(&blue, &green);
+    let dir = TempDir::new();
+    let state_file = dir.path("state").join("state.json");
+    let proxy = TestProxy::start_in(dir, &config, None).await;
+    // The first change after a quiet spell is on disk when it is answered.
+    assert_eq!(admin(&proxy, "set-weights agent blue=10 green=90").await["ok"], true);
+    let on_disk = std::fs::read_to_string(&state_file).expect("the state file");
+    assert!(on_disk.contains("9000"), "{on_disk}");
+    // A burst: answered at once, written together; the last one wins, stop or no stop.
+    for i in 0..30 {
+        let line = if i % 2 == 0 { "set-weights agent blue=30 green=70" } else { "set-weights agent blue=40 green=60" };
+        assert_eq!(admin(&proxy, line).await["ok"], true);
+    }
+    let TestProxy { running, dir, .. } = proxy;
+    running.stop().await;
+    let again = TestProxy::start_in(dir, &config, None).await;
+    let status = admin(&again, "status agent").await;
+    assert_eq!(status["routes"][0]["split"]["green"], 60.0, "the last change of the burst: {status}");
+}
+
+#[tokio::test]
 async fn a_corrupt_state_file_is_moved_aside_and_the_config_serves() {
     let blue = TestServer::named("blue").await;
     let green = TestServer::named("green").await;
