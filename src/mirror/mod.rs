@@ -42,7 +42,8 @@ use crate::routes::{Backend, DEFAULT_WINDOW};
 use crate::stats::Stats;
 use crate::upstream::{self, Pool, RequestBody};
 use shape::{Digest, Kind, Shape};
-pub use tee::{BodyCopy, Tee, TooLarge};
+pub use tee::Tee;
+use tee::{BodyCopy, TooLarge};
 
 /// Marks every mirrored copy, so the shadow (and its logs) can tell.
 pub static MIRROR_HEADER: HeaderName = HeaderName::from_static("x-switchyard-mirror");
