@@ -95,7 +95,9 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
         Some(addr) => {
             let listener = proxy::bind(addr).map_err(|source| StartError::AdminHttp { addr, source })?;
             let bound = listener.local_addr().ok();
-            tasks.spawn(admin::http::serve(listener, ready.clone(), control.clone(), shutdown.clone()));
+            let admin =
+                admin::http::Admin { ready: ready.clone(), control: control.clone(), connections: connections.clone() };
+            tasks.spawn(admin::http::serve(listener, admin, shutdown.clone()));
             bound
         }
     };

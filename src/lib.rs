@@ -20,6 +20,7 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod health;
+pub mod metrics;
 pub mod mirror;
 pub mod proxy;
 pub mod rollout;

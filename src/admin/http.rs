@@ -1,6 +1,6 @@
 //! The read-only admin HTTP listener: `/healthz` (the process is alive), `/readyz` (serving;
-//! 503 from the moment shutdown begins, so load balancers stop sending), and `/api/status`
-//! (the `status` answer as JSON).
+//! 503 from the moment shutdown begins, so load balancers stop sending), `/api/status`
+//! (the `status` answer as JSON) and `/metrics` (Prometheus).
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,11 +14,22 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::control::{Actor, Command, Handle};
 
+/// What the admin HTTP listener reads.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// What `/readyz` says.
+    pub ready: Arc<AtomicBool>,
+    pub control: Handle,
+    /// The proxy's client connections (and tunnels), for `switchyard_connections_open`.
+    pub connections: TaskTracker,
+}
+
 /// Serves admin HTTP until `stop`.
-pub async fn serve(listener: TcpListener, ready: Arc<AtomicBool>, control: Handle, stop: CancellationToken) {
+pub async fn serve(listener: TcpListener, admin: Admin, stop: CancellationToken) {
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
@@ -31,9 +42,9 @@ pub async fn serve(listener: TcpListener, ready: Arc<AtomicBool>, control: Handl
                 }
             },
         };
-        let (ready, control) = (ready.clone(), control.clone());
+        let admin = admin.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| answer(req, ready.clone(), control.clone()));
+            let service = service_fn(move |req| answer(req, admin.clone()));
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
@@ -41,20 +52,28 @@ pub async fn serve(listener: TcpListener, ready: Arc<AtomicBool>, control: Handl
     }
 }
 
-async fn answer(
-    req: Request<Incoming>,
-    ready: Arc<AtomicBool>,
-    control: Handle,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn answer(req: Request<Incoming>, admin: Admin) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, content_type, body) = match req.uri().path() {
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-        "/readyz" if ready.load(Ordering::Relaxed) => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+        "/readyz" if admin.ready.load(Ordering::Relaxed) => (StatusCode::OK, "text/plain", "ready\n".to_string()),
         "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "shutting down\n".to_string()),
         "/api/status" => {
-            let status = control.send(Command::Status { route: None }, Actor::Switchyard).await;
+            let status = admin.control.send(Command::Status { route: None }, Actor::Switchyard).await;
             (StatusCode::OK, "application/json", format!("{status}\n"))
         }
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found: try /healthz, /readyz, /api/status\n".to_string()),
+        "/metrics" => {
+            let command = Command::Metrics { connections_open: admin.connections.len() };
+            let answer = admin.control.send(command, Actor::Switchyard).await;
+            match answer["text"].as_str() {
+                Some(text) => (StatusCode::OK, prometheus::TEXT_FORMAT, text.to_string()),
+                None => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{}\n", answer["error"])),
+            }
+        }
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /healthz, /readyz, /api/status, /metrics\n".to_string(),
+        ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;

@@ -81,6 +81,11 @@ pub enum Command {
     MirrorReport {
         route: String,
     },
+    /// Everything `/metrics` shows, in the Prometheus text format; the proxy's count of open
+    /// client connections comes with the request.
+    Metrics {
+        connections_open: usize,
+    },
     /// Writes the state file now if a change is waiting to be written (sent by the
     /// persistence timer, and by shutdown).
     Flush,
@@ -147,6 +152,8 @@ pub struct Control {
     /// When the state file was last written, and whether a change waits for the next write.
     last_persist: Option<tokio::time::Instant>,
     persist_pending: bool,
+    /// Rollbacks since start, by route and reason (`switchyard_rollbacks_total`).
+    rollbacks: BTreeMap<(String, &'static str), u64>,
 }
 
 /// How often the rollout engine looks at its routes (holds, analysis).
@@ -205,6 +212,7 @@ impl Control {
             last_saved: None,
             last_persist: None,
             persist_pending: false,
+            rollbacks: BTreeMap::new(),
         };
         control.reconcile();
         control.reconcile_rollouts(&Actor::Switchyard);
@@ -281,6 +289,7 @@ impl Control {
             Command::Pause { route } => self.rollout_command(&route, "pause", &actor),
             Command::Resume { route } => self.rollout_command(&route, "resume", &actor),
             Command::Tick => self.tick(),
+            Command::Metrics { connections_open } => json!({ "ok": true, "text": self.metrics(connections_open) }),
             Command::Flush => {
                 if self.persist_pending {
                     self.write_state();
@@ -564,7 +573,11 @@ impl Control {
             Change::Started => ("rollout-progressing", "the canary passed its health checks".to_string()),
             Change::Advanced { from, to } => ("rollout-step", format!("step {} -> step {}", from + 1, to + 1)),
             Change::Completed => ("rollout-complete", format!("{} is the stable side now", spec.canary)),
-            Change::RolledBack { reason } => ("rollback", reason.clone()),
+            Change::RolledBack { reason } => {
+                let label = crate::metrics::rollback_reason(*actor == Actor::Rollout, reason);
+                *self.rollbacks.entry((route.to_string(), label)).or_default() += 1;
+                ("rollback", reason.clone())
+            }
             Change::RollbackHeld { reason } => ("rollback-held", reason.clone()),
             Change::WaitingForTraffic => (
                 "rollout-waiting",
@@ -797,6 +810,7 @@ impl Control {
         self.change_split(route, target.clone());
         let generation = self.swap();
         self.persist();
+        *self.rollbacks.entry((route.to_string(), "manual")).or_default() += 1;
         let reason = reason.unwrap_or_else(|| "operator rollback".into());
         self.events.record(
             Event::new(actor, "rollback", generation)
@@ -854,6 +868,87 @@ impl Control {
         self.reloads.refused += 1;
         self.events.record(Event::new(actor, "reload-refused", self.generation).reason(error.clone()));
         json!({ "ok": false, "error": error, "generation": self.generation })
+    }
+
+    /// The `/metrics` page: counters recorded on the hot path, the rest read now.
+    fn metrics(&self, connections_open: usize) -> String {
+        use crate::metrics::Families;
+        let table = self.table.current();
+        let mut f = Families::default();
+        for route in table.routes.iter() {
+            let name = &*route.name;
+            for (b, traffic) in route.traffic_by_member() {
+                f.traffic(name, &table.backend(b).name, traffic);
+            }
+            if route.unbacked.codes().next().is_some() {
+                f.traffic(name, "", &route.unbacked);
+            }
+            let split = self.split_of(name).unwrap_or_default();
+            for &b in route.members() {
+                let backend = &*table.backend(b).name;
+                let weight = split.iter().find(|(n, _)| n == backend).map_or(0, |(_, w)| *w);
+                f.gauge(
+                    "switchyard_route_weight",
+                    "The share of a route's requests a backend gets, in percent",
+                    &[("route", name), ("backend", backend)],
+                    percent(weight),
+                );
+            }
+            if let Some(progress) = self.state.routes.get(name).and_then(|r| r.rollout.as_ref()) {
+                for phase in [Phase::Pending, Phase::Progressing, Phase::Paused, Phase::Complete, Phase::RolledBack] {
+                    let state = format!("{phase:?}");
+                    f.gauge(
+                        "switchyard_rollout_state",
+                        "1 for the state a route's rollout is in",
+                        &[("route", name), ("state", &state)],
+                        if progress.phase == phase { 1.0 } else { 0.0 },
+                    );
+                }
+            }
+            if let Some(mirror) = &route.mirror {
+                for outcome in crate::mirror::Outcome::ALL {
+                    f.counter(
+                        "switchyard_mirror_total",
+                        "Mirrored copies by what became of them",
+                        &[("route", name), ("result", outcome.label())],
+                        mirror.state.count(outcome),
+                    );
+                }
+            }
+        }
+        if table.unrouted.codes().next().is_some() {
+            f.traffic("", "", &table.unrouted);
+        }
+        for backend in table.backends.iter() {
+            for server in backend.servers.iter() {
+                let labels = [("backend", &*backend.name), ("server", &*server.label)];
+                f.gauge(
+                    "switchyard_upstream_in_flight",
+                    "Requests sent to a server whose response has not ended",
+                    &labels,
+                    f64::from(server.in_flight()),
+                );
+                f.gauge(
+                    "switchyard_server_healthy",
+                    "1 when the server passes its health checks",
+                    &labels,
+                    if server.healthy() { 1.0 } else { 0.0 },
+                );
+            }
+        }
+        for ((route, reason), n) in &self.rollbacks {
+            f.counter(
+                "switchyard_rollbacks_total",
+                "Rollbacks by route and reason (manual, or what the analysis measured)",
+                &[("route", route), ("reason", reason)],
+                *n,
+            );
+        }
+        for (result, n) in [("ok", self.reloads.ok), ("refused", self.reloads.refused)] {
+            f.counter("switchyard_config_reloads_total", "Config reloads by result", &[("result", result)], n);
+        }
+        f.gauge("switchyard_connections_open", "Open client connections", &[], connections_open as f64);
+        f.encode()
     }
 
     fn mirror_report(&self, name: &str) -> Value {

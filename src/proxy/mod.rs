@@ -168,7 +168,22 @@ impl Proxy {
         let table = self.table.load();
         match self.proxy(&table, req, client).await {
             Ok(response) => response,
-            Err(e) => e.into_response(),
+            Err(e) => {
+                // Failures once a backend was chosen are counted where they happen.
+                match &e {
+                    ProxyError::NoServer { route } => {
+                        if let Some(r) = table.routes.iter().find(|r| r.name == *route) {
+                            r.unbacked.record(e.status(), None);
+                        }
+                    }
+                    ProxyError::BadRequest(_)
+                    | ProxyError::BadPath(_)
+                    | ProxyError::HeadersTooLarge { .. }
+                    | ProxyError::NoRoute { .. } => table.unrouted.record(e.status(), None),
+                    _ => {}
+                }
+                e.into_response()
+            }
         }
     }
 
@@ -251,10 +266,12 @@ impl Proxy {
         };
         let upstream_req = Request::from_parts(parts, body);
 
-        let (mut response, connection, in_flight) =
+        let traffic = route.traffic(table, backend);
+        let (mut response, connection, in_flight, latency) =
             match forward(table, route, backend, server, sticky_hash, upstream_req).await {
                 Ok(forwarded) => forwarded,
                 Err(e) => {
+                    traffic.record(e.status(), None);
                     if let Some(primary) = primary {
                         primary.failed(e.status());
                     }
@@ -265,8 +282,11 @@ impl Proxy {
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {
-                return Err(ProxyError::UnaskedUpgrade { route: route.name.clone(), backend: backend.name.clone() });
+                let e = ProxyError::UnaskedUpgrade { route: route.name.clone(), backend: backend.name.clone() };
+                traffic.record(e.status(), None);
+                return Err(e);
             };
+            traffic.record(StatusCode::SWITCHING_PROTOCOLS, Some(latency));
             let server_upgrade = hyper::upgrade::on(&mut response);
             let protocol = response.headers().get(header::UPGRADE).cloned();
             let (mut parts, _) = response.into_parts();
@@ -287,6 +307,7 @@ impl Proxy {
             return Ok(Response::from_parts(parts, ResponseBody::empty()));
         }
 
+        traffic.record(response.status(), Some(latency));
         let (mut parts, body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         if let Some(cookie) = new_cookie {
@@ -319,7 +340,7 @@ async fn forward(
     server: &Arc<Server>,
     sticky_hash: Option<u64>,
     mut req: Request<RequestBody>,
-) -> Result<(Response<Incoming>, Sender, InFlight), ProxyError> {
+) -> Result<(Response<Incoming>, Sender, InFlight, std::time::Duration), ProxyError> {
     let limits = &table.defaults;
     let mut server = server.clone();
     let mut connect_retried = false;
@@ -401,8 +422,8 @@ async fn forward(
         };
         match sent {
             Ok(Ok(response)) => {
-                outcome(backend, &server, response.status().is_server_error(), started);
-                return Ok((response, sender, in_flight));
+                let latency = outcome(backend, &server, response.status().is_server_error(), started);
+                return Ok((response, sender, in_flight, latency));
             }
             Ok(Err(mut e)) => match e.take_message() {
                 // The pooled connection closed under us before the request left: nothing
@@ -451,14 +472,17 @@ fn replay_copy(req: &Request<RequestBody>) -> Option<Request<RequestBody>> {
 
 /// Feeds the backend's measurements and passive outlier detection: failures the upstream
 /// caused (connect errors, timeouts, broken connections, 5xx), never the client's.
+/// Returns the time since `started`.
 #[inline]
-fn outcome(backend: &Backend, server: &Arc<Server>, failed: bool, started: Instant) {
+fn outcome(backend: &Backend, server: &Arc<Server>, failed: bool, started: Instant) -> std::time::Duration {
     let now = Instant::now();
-    backend.stats.record(now, now.saturating_duration_since(started), failed);
+    let latency = now.saturating_duration_since(started);
+    backend.stats.record(now, latency, failed);
     let others = || backend.servers.iter().any(|s| !Arc::ptr_eq(s, server) && s.in_rotation());
     if let Some(backoff) = server.record_outcome(failed, &backend.outlier, others) {
         tracing::warn!(backend = %backend.name, server = %server.label, failures = backend.outlier.failures, ?backoff, "server ejected: upstream failures in a row");
     }
+    latency
 }
 
 /// The host a request is for: an absolute-form target's authority wins over `Host`

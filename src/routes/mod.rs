@@ -24,6 +24,7 @@ use tokio::sync::futures::{Notified, OwnedNotified};
 use tokio::sync::Notify;
 
 use crate::config::{BasisPoints, Config, Defaults, HostPattern, Outlier, Sticky};
+use crate::metrics::Traffic;
 use crate::mirror::{Mirror, MirrorState};
 use crate::stats::Stats;
 use crate::upstream::Pool;
@@ -38,6 +39,8 @@ pub use split::{bucket, key_hash, rendezvous_score, Split};
 #[derive(Debug)]
 pub struct Table {
     pub generation: u64,
+    /// Requests refused before a route was found (400, 404, 431), for `/metrics`.
+    pub unrouted: Arc<Traffic>,
     /// Timeouts and limits, swapped with the routes so a request sees one consistent set.
     pub defaults: Defaults,
     pub routes: Box<[Route]>,
@@ -58,6 +61,10 @@ pub struct Route {
     members: Box<[usize]>,
     /// Where a sampled share of the route's requests is copied to.
     pub mirror: Option<Arc<Mirror>>,
+    /// Requests to each of `members`, in the same order, for `/metrics`.
+    traffic: Box<[Arc<Traffic>]>,
+    /// Requests of this route that found no backend in rotation (503).
+    pub unbacked: Arc<Traffic>,
 }
 
 #[derive(Debug)]
@@ -381,6 +388,8 @@ impl Table {
                         Mirror::new(spec.clone(), shadow, pools, state, d.connect_timeout, d.upstream_idle_timeout);
                     Some(Arc::new(mirror))
                 });
+                let traffic = members.iter().map(|&b| servers.traffic(&r.name, &backends[b].name)).collect();
+                let unbacked = servers.traffic(&r.name, "");
                 Route {
                     name: r.name.as_str().into(),
                     hosts: r.hosts.clone().into(),
@@ -391,10 +400,12 @@ impl Table {
                     request_timeout: r.request_timeout,
                     members: members.into(),
                     mirror,
+                    traffic,
+                    unbacked,
                 }
             })
             .collect();
-        Table { generation, defaults: config.defaults.clone(), routes, backends }
+        Table { generation, unrouted: servers.unrouted.clone(), defaults: config.defaults.clone(), routes, backends }
     }
 }
 
@@ -424,6 +435,20 @@ impl Route {
     /// Indexes of every backend this route may send to, including those at 0 %.
     pub fn members(&self) -> &[usize] {
         &self.members
+    }
+
+    /// The request counts of this route to `backend`, one of its members.
+    #[inline]
+    pub fn traffic(&self, table: &Table, backend: &Backend) -> &Traffic {
+        self.members
+            .iter()
+            .position(|&b| std::ptr::eq(&*table.backends[b], backend))
+            .map_or(&*self.unbacked, |i| &*self.traffic[i])
+    }
+
+    /// Each member backend's request counts, by the backend's table index.
+    pub fn traffic_by_member(&self) -> impl Iterator<Item = (usize, &Traffic)> {
+        self.members.iter().copied().zip(self.traffic.iter().map(|t| &**t))
     }
 }
 
@@ -468,6 +493,10 @@ pub struct Servers {
     mirrors: HashMap<(String, String), Arc<MirrorState>>,
     /// Mirroring's own idle connections, by shadow server.
     mirror_pools: HashMap<SocketAddr, Arc<Pool>>,
+    /// Request counts since start, by (route, backend; "" for none found), and those refused
+    /// before any route was found.
+    traffic: HashMap<(String, String), Arc<Traffic>>,
+    unrouted: Arc<Traffic>,
 }
 
 impl Servers {
@@ -489,6 +518,10 @@ impl Servers {
         self.mirrors.entry((route.to_string(), shadow.to_string())).or_default().clone()
     }
 
+    fn traffic(&mut self, route: &str, backend: &str) -> Arc<Traffic> {
+        self.traffic.entry((route.to_string(), backend.to_string())).or_default().clone()
+    }
+
     fn mirror_pool(&mut self, addr: SocketAddr) -> Arc<Pool> {
         self.mirror_pools.entry(addr).or_default().clone()
     }
@@ -507,6 +540,12 @@ impl Servers {
             table.backends.iter().any(|b| &*b.name == backend && b.servers.iter().any(|s| s.addr == *addr))
         });
         self.stats.retain(|backend, _| table.backends.iter().any(|b| &*b.name == backend));
+        self.traffic.retain(|(route, backend), _| {
+            table.routes.iter().any(|r| {
+                &*r.name == route
+                    && (backend.is_empty() || r.members.iter().any(|&b| &*table.backends[b].name == backend))
+            })
+        });
         let mirrors = || table.routes.iter().filter_map(|r| Some((r, r.mirror.as_ref()?)));
         self.mirrors
             .retain(|(route, shadow), _| mirrors().any(|(r, m)| &*r.name == route && m.spec().backend == *shadow));

@@ -9,6 +9,7 @@ mod errors;
 mod headers;
 mod health;
 mod layout;
+mod metrics;
 mod mirror;
 mod rollout;
 mod routing;
