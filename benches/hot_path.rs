@@ -2,7 +2,8 @@
 //! ten routes, pick a backend by weight or sticky key, pick a server.
 //!
 //! Targets: the whole decision under 100 ns (issue 2); recording a request's outcome for
-//! analysis under 50 ns (issue 5), clock reads included.
+//! analysis under 50 ns (issue 5), clock reads included. Recording it for `/metrics` is
+//! measured too.
 
 use std::hint::black_box;
 
@@ -72,6 +73,21 @@ fn bench(c: &mut Criterion) {
     c.bench_function("stats: window summary (analysis, once a second)", |b| {
         b.iter(|| black_box(stats.summary(tokio::time::Instant::now())))
     });
+
+    // What /metrics adds: the route's counters for the chosen backend, then one status
+    // counter, one latency bucket and the latency sum.
+    {
+        let table = reader.load();
+        let route = table.route("agent.example.com", "/v1/chat").expect("route");
+        let backend = route.pick_backend(&table, 0, None).expect("backend");
+        c.bench_function("metrics: find the route's counters and record one request", |b| {
+            b.iter(|| {
+                route
+                    .traffic(&table, black_box(backend))
+                    .record(black_box(http::StatusCode::OK), Some(black_box(std::time::Duration::from_millis(3))))
+            })
+        });
+    }
 
     c.bench_function("normalize_path (already normal)", |b| {
         b.iter(|| black_box(routes::normalize_path(black_box("/v1/agents/7/conversations/abc/messages")).is_ok()))
