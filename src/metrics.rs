@@ -19,8 +19,8 @@ use prometheus::{Encoder as _, TextEncoder};
 pub const DURATION_BUCKETS: [f64; 14] =
     [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0];
 
-/// Status codes counted one by one; anything outside is counted as 599.
-const CODES: std::ops::RangeInclusive<u16> = 100..=599;
+/// Status codes counted one by one: every code the `http` crate can hold.
+const CODES: std::ops::RangeInclusive<u16> = 100..=999;
 
 /// Requests of one route to one backend since start: by the status the client got, and
 /// the time to the response head of those a server answered. Recorded on the hot path, so
@@ -120,9 +120,9 @@ impl Families {
         self.push(name, help, MetricType::GAUGE, labels, metric);
     }
 
-    /// `switchyard_requests_total` and `switchyard_request_duration_seconds` of one route
-    /// and backend.
-    pub fn traffic(&mut self, route: &str, backend: &str, traffic: &Traffic) {
+    /// `switchyard_requests_total` and (when `timed`: a server was asked)
+    /// `switchyard_request_duration_seconds` of one route and backend.
+    pub fn traffic(&mut self, route: &str, backend: &str, traffic: &Traffic, timed: bool) {
         let labels = [("route", route), ("backend", backend)];
         for (code, n) in traffic.codes() {
             let code = code.to_string();
@@ -132,6 +132,9 @@ impl Families {
                 &[("route", route), ("backend", backend), ("code", &code)],
                 n,
             );
+        }
+        if !timed {
+            return;
         }
         let (cumulative, count, sum) = traffic.histogram();
         let mut histogram = Histogram::default();
@@ -212,7 +215,7 @@ mod tests {
         let t = Traffic::default();
         t.record(StatusCode::OK, Some(Duration::from_millis(3)));
         let mut f = Families::default();
-        f.traffic("agent", "blue", &t);
+        f.traffic("agent", "blue", &t, true);
         f.gauge("switchyard_route_weight", "Weight", &[("route", "agent"), ("backend", "blue")], 90.0);
         let text = f.encode();
         assert!(text.contains("switchyard_requests_total{route=\"agent\",backend=\"blue\",code=\"200\"} 1"), "{text}");

@@ -875,14 +875,20 @@ impl Control {
         use crate::metrics::Families;
         let table = self.table.current();
         let mut f = Families::default();
+        let (pairs, unrouted) = self.servers.all_traffic();
+        let mut pairs: Vec<_> = pairs.collect();
+        pairs.sort_by_key(|&(route, backend, _)| (route, backend));
+        for (route, backend, traffic) in pairs {
+            // "": the route found no backend; no server was asked, so nothing was timed.
+            if !backend.is_empty() || traffic.codes().next().is_some() {
+                f.traffic(route, backend, traffic, !backend.is_empty());
+            }
+        }
+        if unrouted.codes().next().is_some() {
+            f.traffic("", "", unrouted, false);
+        }
         for route in table.routes.iter() {
             let name = &*route.name;
-            for (b, traffic) in route.traffic_by_member() {
-                f.traffic(name, &table.backend(b).name, traffic);
-            }
-            if route.unbacked.codes().next().is_some() {
-                f.traffic(name, "", &route.unbacked);
-            }
             let split = self.split_of(name).unwrap_or_default();
             for &b in route.members() {
                 let backend = &*table.backend(b).name;
@@ -916,9 +922,6 @@ impl Control {
                 }
             }
         }
-        if table.unrouted.codes().next().is_some() {
-            f.traffic("", "", &table.unrouted);
-        }
         for backend in table.backends.iter() {
             for server in backend.servers.iter() {
                 let labels = [("backend", &*backend.name), ("server", &*server.label)];
@@ -936,7 +939,8 @@ impl Control {
                 );
             }
         }
-        for ((route, reason), n) in &self.rollbacks {
+        let routes_now = |route: &str| table.routes.iter().any(|r| &*r.name == route);
+        for ((route, reason), n) in self.rollbacks.iter().filter(|((route, _), _)| routes_now(route)) {
             f.counter(
                 "switchyard_rollbacks_total",
                 "Rollbacks by route and reason (manual, or what the analysis measured)",

@@ -23,6 +23,8 @@ pub enum ProxyError {
     NoRoute { host: String, path: String },
     #[error("route {route:?} has no server in rotation")]
     NoServer { route: Arc<str> },
+    #[error("backend {backend:?} of route {route:?} has no server in rotation")]
+    BackendDown { route: Arc<str>, backend: Arc<str> },
     #[error("backend {backend:?} of route {route:?}: {source}")]
     Connect { route: Arc<str>, backend: Arc<str>, source: ConnectError },
     #[error("backend {backend:?} of route {route:?}: server {server} failed: {source}")]
@@ -42,7 +44,9 @@ impl ProxyError {
             ProxyError::BadRequest(_) | ProxyError::BadPath(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
-            ProxyError::NoServer { .. } | ProxyError::DrainCut { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoServer { .. } | ProxyError::BackendDown { .. } | ProxyError::DrainCut { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::UnaskedUpgrade { .. } => {
                 StatusCode::BAD_GATEWAY
             }

@@ -200,9 +200,15 @@ impl Proxy {
         }
 
         // Everything decided from the request head, while it is borrowed.
-        let (route, backend, sticky_hash, new_cookie, host, normal_path) = {
+        let (route, backend, sticky_hash, new_cookie, host, target) = {
             let host = request_host(&req)?;
             let path = routes::normalize_path(req.uri().path())?;
+            // The origin-form target sent to the server, when it is not the client's as is.
+            let target = match &path {
+                std::borrow::Cow::Owned(normal) => Some(origin_form(req.uri(), Some(normal))?),
+                std::borrow::Cow::Borrowed(_) if req.uri().scheme().is_some() => Some(origin_form(req.uri(), None)?),
+                std::borrow::Cow::Borrowed(_) => None,
+            };
             let host_str = host.as_ref().map_or("", |h| h.to_str().unwrap_or(""));
             let route = table
                 .route(host_str, &path)
@@ -214,14 +220,18 @@ impl Proxy {
             let backend = route
                 .pick_backend(table, bucket, overridden)
                 .ok_or_else(|| ProxyError::NoServer { route: route.name.clone() })?;
-            let normal_path = match path {
-                std::borrow::Cow::Borrowed(_) => None,
-                std::borrow::Cow::Owned(p) => Some(p),
-            };
-            (route, backend, sticky_hash, new_cookie, host, normal_path)
+            (route, backend, sticky_hash, new_cookie, host, target)
         };
-        let server =
-            backend.pick_server(sticky_hash, None).ok_or_else(|| ProxyError::NoServer { route: route.name.clone() })?;
+        let traffic = route.traffic(table, backend);
+        // Refusals from here on are counted against the route and backend; those before,
+        // in `handle`.
+        let Some(server) = backend.pick_server(sticky_hash, None) else {
+            // A backend named by the override header, or one that lost its last server
+            // a moment ago.
+            let e = ProxyError::BackendDown { route: route.name.clone(), backend: backend.name.clone() };
+            traffic.record(e.status(), None);
+            return Err(e);
+        };
 
         let upgrade = requested_upgrade(&req);
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
@@ -247,8 +257,8 @@ impl Proxy {
             _ => HeaderValue::from_static("1.1 switchyard"),
         };
         headers::append_to_list(&mut parts.headers, &header::VIA, &via);
-        if parts.uri.scheme().is_some() || normal_path.is_some() {
-            parts.uri = origin_form(&parts.uri, normal_path.as_deref())?;
+        if let Some(target) = target {
+            parts.uri = target;
         }
         parts.version = Version::HTTP_11;
         // A sampled share is copied to the route's shadow; upgrades never are.
@@ -266,12 +276,11 @@ impl Proxy {
         };
         let upstream_req = Request::from_parts(parts, body);
 
-        let traffic = route.traffic(table, backend);
         let (mut response, connection, in_flight, latency) =
             match forward(table, route, backend, server, sticky_hash, upstream_req).await {
                 Ok(forwarded) => forwarded,
-                Err(e) => {
-                    traffic.record(e.status(), None);
+                Err((e, latency)) => {
+                    traffic.record(e.status(), Some(latency));
                     if let Some(primary) = primary {
                         primary.failed(e.status());
                     }
@@ -333,14 +342,38 @@ impl Proxy {
 /// server of the same backend; a pooled connection found closed is replaced. A drain
 /// deadline that passes while the request waits for its response head replays it once on
 /// another server of the backend if it is idempotent and bodiless, and cuts it otherwise.
+///
+/// On success, also the time from the first attempt to the response head; on failure,
+/// the time until it failed (both for `/metrics`).
 async fn forward(
     table: &Table,
     route: &Route,
     backend: &Backend,
     server: &Arc<Server>,
     sticky_hash: Option<u64>,
+    req: Request<RequestBody>,
+) -> Result<(Response<Incoming>, Sender, InFlight, std::time::Duration), (ProxyError, std::time::Duration)> {
+    let mut first = None;
+    match attempts(table, route, backend, server, sticky_hash, req, &mut first).await {
+        Ok((response, sender, in_flight, answered)) => {
+            let latency = answered.saturating_duration_since(first.unwrap_or(answered));
+            Ok((response, sender, in_flight, latency))
+        }
+        // A failure is the rare path: one more clock read.
+        Err(e) => Err((e, first.map_or(std::time::Duration::ZERO, |started| started.elapsed()))),
+    }
+}
+
+/// [`forward`]'s attempts; `first` gets the start of the first.
+async fn attempts(
+    table: &Table,
+    route: &Route,
+    backend: &Backend,
+    server: &Arc<Server>,
+    sticky_hash: Option<u64>,
     mut req: Request<RequestBody>,
-) -> Result<(Response<Incoming>, Sender, InFlight, std::time::Duration), ProxyError> {
+    first: &mut Option<Instant>,
+) -> Result<(Response<Incoming>, Sender, InFlight, Instant), ProxyError> {
     let limits = &table.defaults;
     let mut server = server.clone();
     let mut connect_retried = false;
@@ -351,6 +384,7 @@ async fn forward(
     loop {
         // One clock read serves the pool's idle check and the latency measurement.
         let started = Instant::now();
+        first.get_or_insert(started);
         let in_flight = server.start_request();
         let mut pooled = server.pool.take(started, limits.upstream_idle_timeout);
         if let Some(sender) = &mut pooled {
@@ -422,8 +456,8 @@ async fn forward(
         };
         match sent {
             Ok(Ok(response)) => {
-                let latency = outcome(backend, &server, response.status().is_server_error(), started);
-                return Ok((response, sender, in_flight, latency));
+                let answered = outcome(backend, &server, response.status().is_server_error(), started);
+                return Ok((response, sender, in_flight, answered));
             }
             Ok(Err(mut e)) => match e.take_message() {
                 // The pooled connection closed under us before the request left: nothing
@@ -472,17 +506,16 @@ fn replay_copy(req: &Request<RequestBody>) -> Option<Request<RequestBody>> {
 
 /// Feeds the backend's measurements and passive outlier detection: failures the upstream
 /// caused (connect errors, timeouts, broken connections, 5xx), never the client's.
-/// Returns the time since `started`.
+/// Returns the moment it was recorded.
 #[inline]
-fn outcome(backend: &Backend, server: &Arc<Server>, failed: bool, started: Instant) -> std::time::Duration {
+fn outcome(backend: &Backend, server: &Arc<Server>, failed: bool, started: Instant) -> Instant {
     let now = Instant::now();
-    let latency = now.saturating_duration_since(started);
-    backend.stats.record(now, latency, failed);
+    backend.stats.record(now, now.saturating_duration_since(started), failed);
     let others = || backend.servers.iter().any(|s| !Arc::ptr_eq(s, server) && s.in_rotation());
     if let Some(backoff) = server.record_outcome(failed, &backend.outlier, others) {
         tracing::warn!(backend = %backend.name, server = %server.label, failures = backend.outlier.failures, ?backoff, "server ejected: upstream failures in a row");
     }
-    latency
+    now
 }
 
 /// The host a request is for: an absolute-form target's authority wins over `Host`

@@ -445,11 +445,6 @@ impl Route {
             .position(|&b| std::ptr::eq(&*table.backends[b], backend))
             .map_or(&*self.unbacked, |i| &*self.traffic[i])
     }
-
-    /// Each member backend's request counts, by the backend's table index.
-    pub fn traffic_by_member(&self) -> impl Iterator<Item = (usize, &Traffic)> {
-        self.members.iter().copied().zip(self.traffic.iter().map(|t| &**t))
-    }
 }
 
 impl Backend {
@@ -522,6 +517,13 @@ impl Servers {
         self.traffic.entry((route.to_string(), backend.to_string())).or_default().clone()
     }
 
+    /// Every route's request counts by backend ("" for none found), whether the backend is
+    /// in the route's split today or was earlier; and those refused before any route.
+    pub fn all_traffic(&self) -> (impl Iterator<Item = (&str, &str, &Traffic)>, &Traffic) {
+        let pairs = self.traffic.iter().map(|((r, b), t)| (r.as_str(), b.as_str(), &**t));
+        (pairs, &*self.unrouted)
+    }
+
     fn mirror_pool(&mut self, addr: SocketAddr) -> Arc<Pool> {
         self.mirror_pools.entry(addr).or_default().clone()
     }
@@ -540,11 +542,11 @@ impl Servers {
             table.backends.iter().any(|b| &*b.name == backend && b.servers.iter().any(|s| s.addr == *addr))
         });
         self.stats.retain(|backend, _| table.backends.iter().any(|b| &*b.name == backend));
+        // A backend that leaves a route's split keeps its counts: counters must not go back
+        // to zero if it returns.
         self.traffic.retain(|(route, backend), _| {
-            table.routes.iter().any(|r| {
-                &*r.name == route
-                    && (backend.is_empty() || r.members.iter().any(|&b| &*table.backends[b].name == backend))
-            })
+            table.routes.iter().any(|r| &*r.name == route)
+                && (backend.is_empty() || table.backends.iter().any(|b| &*b.name == backend))
         });
         let mirrors = || table.routes.iter().filter_map(|r| Some((r, r.mirror.as_ref()?)));
         self.mirrors

@@ -18,11 +18,13 @@ async fn metrics_count_requests_by_route_backend_and_code_and_show_the_live_stat
     let blue = TestServer::named("blue").await;
     let green = TestServer::named("green").await;
     let shadow = TestServer::named("shadow").await;
+    let dead = dead_addr().await;
     let dir = TempDir::new();
     let config = format!(
         "[listen]\nhttp = \"127.0.0.1:0\"\n[admin]\nsocket = \"{}\"\nstate_dir = \"{}\"\nhttp = \"127.0.0.1:0\"\n{}{}{}\
-         [[routes]]\nname = \"agent\"\nhosts = [\"agent\"]\nsplit = {{ blue = 100 }}\n\
-         mirror = {{ backend = \"shadow\", percent = 100 }}\n\
+         [backends.dead]\nservers = [\"{dead}\"]\n\
+         [[routes]]\nname = \"agent\"\nhosts = [\"agent\"]\nsplit = {{ blue = 100, green = 0, dead = 0 }}\n\
+         override_header = \"x-backend\"\nmirror = {{ backend = \"shadow\", percent = 100 }}\n\
          [[routes]]\nname = \"ro\"\nhosts = [\"ro\"]\nsplit = {{ blue = 100 }}\n\
          [routes.rollout]\nstrategy = \"canary\"\nstable = \"blue\"\ncanary = \"green\"\n\
          steps = [{{ weight = 50, hold = \"1h\" }}, {{ weight = 100 }}]\n",
@@ -39,16 +41,35 @@ async fn metrics_count_requests_by_route_backend_and_code_and_show_the_live_stat
     let proxy = TestProxy { running, addr, dir };
 
     let client = client();
-    let to = |host: &'static str| {
-        Request::get(proxy.url("/ask")).header("host", host).body(Full::default()).expect("request")
+    let ask = |host: &'static str, pinned: Option<&'static str>| {
+        let mut req = Request::get(proxy.url("/ask")).header("host", host);
+        if let Some(backend) = pinned {
+            req = req.header("x-backend", backend);
+        }
+        req.body(Full::default()).expect("request")
     };
+    let status_of = |req| async { fetch(&client, req).await.expect("an answer").0 };
     for _ in 0..10 {
-        assert_eq!(fetch(&client, to("agent")).await.expect("an answer").0, 200);
+        assert_eq!(status_of(ask("agent", None)).await, 200);
     }
-    assert_eq!(fetch(&client, to("nowhere")).await.expect("an answer").0, 404);
+    for _ in 0..3 {
+        assert_eq!(status_of(ask("agent", Some("green"))).await, 200);
+    }
+    assert_eq!(status_of(ask("agent", Some("dead"))).await, 502, "nothing listens there");
+    assert_eq!(status_of(ask("nowhere", None)).await, 404);
+    assert_eq!(admin(&proxy, "drain green").await["ok"], true);
+    assert_eq!(status_of(ask("agent", Some("green"))).await, 503, "pinned to a backend with no server in rotation");
+    // `dead` leaves the split and comes back: its counts stay.
     assert_eq!(admin(&proxy, "set-weights agent blue=50 green=50").await["ok"], true);
     assert_eq!(admin(&proxy, "rollback agent").await["ok"], true);
-    assert!(eventually(Duration::from_secs(5), || shadow.request_count() == 10).await);
+    // Copies of the 14 requests that reached a server (the 503 never did).
+    assert!(eventually(Duration::from_secs(5), || shadow.request_count() == 14).await);
+    for _ in 0..200 {
+        if admin(&proxy, "status ro").await["routes"][0]["rollout"]["state"] == "Progressing" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let (status, headers, text) = fetch(&client, get(&scrape_url)).await.expect("a scrape");
     assert_eq!(status, 200);
@@ -57,19 +78,24 @@ async fn metrics_count_requests_by_route_backend_and_code_and_show_the_live_stat
         assert_eq!(value(&text, series), Some(expected), "{series} in:\n{text}");
     };
     has(r#"switchyard_requests_total{route="agent",backend="blue",code="200"}"#, 10.0);
-    has(r#"switchyard_request_duration_seconds_count{route="agent",backend="blue"}"#, 10.0);
-    has(r#"switchyard_request_duration_seconds_bucket{route="agent",backend="blue",le="+Inf"}"#, 10.0);
+    has(r#"switchyard_requests_total{route="agent",backend="green",code="200"}"#, 3.0);
+    has(r#"switchyard_requests_total{route="agent",backend="dead",code="502"}"#, 1.0);
+    has(r#"switchyard_requests_total{route="agent",backend="green",code="503"}"#, 1.0);
     has(r#"switchyard_requests_total{route="",backend="",code="404"}"#, 1.0);
+    has(r#"switchyard_request_duration_seconds_count{route="agent",backend="blue"}"#, 10.0);
+    has(r#"switchyard_request_duration_seconds_count{route="agent",backend="dead"}"#, 1.0);
+    has(r#"switchyard_request_duration_seconds_bucket{route="agent",backend="blue",le="60"}"#, 10.0);
     has(r#"switchyard_route_weight{route="agent",backend="blue"}"#, 100.0);
     has(r#"switchyard_rollbacks_total{route="agent",reason="manual"}"#, 1.0);
-    has(r#"switchyard_mirror_total{route="agent",result="sent"}"#, 10.0);
+    has(r#"switchyard_mirror_total{route="agent",result="sent"}"#, 14.0);
     has(r#"switchyard_config_reloads_total{result="refused"}"#, 0.0);
     has(&format!(r#"switchyard_upstream_in_flight{{backend="blue",server="{}"}}"#, blue.addr), 0.0);
     has(&format!(r#"switchyard_server_healthy{{backend="green",server="{}"}}"#, green.addr), 1.0);
-    let states: f64 = ["Pending", "Progressing", "Paused", "Complete", "RolledBack"]
-        .iter()
-        .filter_map(|s| value(&text, &format!(r#"switchyard_rollout_state{{route="ro",state="{s}"}}"#)))
-        .sum();
-    assert_eq!(states, 1.0, "the rollout is in exactly one state:\n{text}");
+    has(r#"switchyard_rollout_state{route="ro",state="Progressing"}"#, 1.0);
+    has(r#"switchyard_rollout_state{route="ro",state="Pending"}"#, 0.0);
     assert!(value(&text, "switchyard_connections_open").is_some_and(|n| n >= 1.0), "{text}");
+    assert!(
+        !text.contains(r#"switchyard_requests_total{route="agent",backend="blue",code="502"}"#),
+        "the failure is counted once, against the backend that failed:\n{text}"
+    );
 }
