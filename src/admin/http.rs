@@ -1,6 +1,7 @@
 //! The read-only admin HTTP listener: `/healthz` (the process is alive), `/readyz` (serving;
 //! 503 from the moment shutdown begins, so load balancers stop sending), `/api/status`
-//! (the `status` answer as JSON) and `/metrics` (Prometheus).
+//! (the `status` answer as JSON), `/api/events` (the latest events), `/metrics`
+//! (Prometheus), and at `/` a dashboard page that polls the two APIs.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +18,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::control::{Actor, Command, Handle};
+
+/// The dashboard: one self-contained page (no external assets, so it works offline).
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// Events the dashboard and `/api/events` show.
+const EVENTS_SHOWN: usize = 50;
 
 /// What the admin HTTP listener reads.
 #[derive(Debug, Clone)]
@@ -57,6 +64,11 @@ async fn answer(req: Request<Incoming>, admin: Admin) -> Result<Response<Full<By
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         "/readyz" if admin.ready.load(Ordering::Relaxed) => (StatusCode::OK, "text/plain", "ready\n".to_string()),
         "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "shutting down\n".to_string()),
+        "/" => (StatusCode::OK, "text/html; charset=utf-8", DASHBOARD.to_string()),
+        "/api/events" => {
+            let events = admin.control.send(Command::Events { last: EVENTS_SHOWN }, Actor::Switchyard).await;
+            (StatusCode::OK, "application/json", format!("{events}\n"))
+        }
         "/api/status" => {
             let status = admin.control.send(Command::Status { route: None }, Actor::Switchyard).await;
             (StatusCode::OK, "application/json", format!("{status}\n"))
@@ -72,7 +84,7 @@ async fn answer(req: Request<Incoming>, admin: Admin) -> Result<Response<Full<By
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /healthz, /readyz, /api/status, /metrics\n".to_string(),
+            "not found: try /, /healthz, /readyz, /api/status, /api/events, /metrics\n".to_string(),
         ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));

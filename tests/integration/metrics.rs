@@ -99,3 +99,37 @@ async fn metrics_count_requests_by_route_backend_and_code_and_show_the_live_stat
         "the failure is counted once, against the backend that failed:\n{text}"
     );
 }
+
+#[tokio::test]
+async fn the_dashboard_and_the_apis_it_polls_are_served() {
+    let blue = TestServer::named("blue").await;
+    let dir = TempDir::new();
+    let config = format!(
+        "[listen]\nhttp = \"127.0.0.1:0\"\n[admin]\nsocket = \"{}\"\nstate_dir = \"{}\"\nhttp = \"127.0.0.1:0\"\n{}\
+         [[routes]]\nname = \"agent\"\nsplit = {{ blue = 100 }}\n",
+        dir.path("admin.sock").display(),
+        dir.path("state").display(),
+        backend("blue", &[&blue]),
+    );
+    let checked = switchyard::config::parse(&config, "test").expect("a valid config");
+    let running = switchyard::app::start(checked.config, None).await.expect("switchyard starts");
+    let base = format!("http://{}", running.admin_http_addr().expect("the admin listener"));
+    let addr = running.http_addr().expect("a listener");
+    let proxy = TestProxy { running, addr, dir };
+    assert_eq!(admin(&proxy, "drain blue").await["ok"], true, "an event to show");
+
+    let client = client();
+    let (status, headers, page) = fetch(&client, get(&format!("{base}/"))).await.expect("the dashboard");
+    assert_eq!(status, 200);
+    assert!(headers["content-type"].to_str().expect("text").starts_with("text/html"));
+    for polled in ["/api/status", "/api/events"] {
+        assert!(page.contains(&format!("fetch(\"{polled}\")")), "the page polls {polled}");
+    }
+    let (status, _, events) = fetch(&client, get(&format!("{base}/api/events"))).await.expect("events");
+    assert_eq!(status, 200);
+    let events: serde_json::Value = serde_json::from_str(&events).expect("JSON");
+    assert!(events["events"].as_array().expect("a list").iter().any(|e| e["action"] == "drain"), "{events}");
+    let (_, _, status_json) = fetch(&client, get(&format!("{base}/api/status"))).await.expect("status");
+    let status_json: serde_json::Value = serde_json::from_str(&status_json).expect("JSON");
+    assert_eq!(status_json["routes"][0]["name"], "agent");
+}
