@@ -27,6 +27,51 @@ fn every_shipped_config_passes_check() {
     assert!(checked >= 3, "only {checked} configs found");
 }
 
+/// The configs in deploy/, the one inside the Kubernetes ConfigMap included, pass `check`,
+/// and what the compose file and the Dockerfile name exists.
+#[test]
+fn the_deploy_examples_are_consistent() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let check = |path: &str| {
+        let (code, out, err) = switchyard(&["check", "-c", path]);
+        assert_eq!(code, 0, "{path}: {err}");
+        assert!(out.contains(": ok: "), "{out}");
+    };
+    check(&format!("{root}/deploy/compose/switchyard.toml"));
+    check(&format!("{root}/deploy/systemd/switchyard.toml"));
+
+    let manifest = std::fs::read_to_string(format!("{root}/deploy/kubernetes/switchyard.yaml")).expect("manifest");
+    let embedded: String = manifest
+        .split_once("switchyard.toml: |\n")
+        .expect("a ConfigMap with switchyard.toml")
+        .1
+        .lines()
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+        .collect();
+    let dir = std::env::temp_dir().join(format!("switchyard-deploy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let extracted = dir.join("configmap.toml");
+    std::fs::write(&extracted, embedded).expect("write");
+    check(extracted.to_str().expect("utf-8"));
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // The agents' fixed addresses in the compose file are the servers switchyard sends to.
+    let compose = std::fs::read_to_string(format!("{root}/deploy/compose/docker-compose.yml")).expect("compose");
+    let config = std::fs::read_to_string(format!("{root}/deploy/compose/switchyard.toml")).expect("config");
+    for agent in ["172.28.0.11", "172.28.0.12"] {
+        assert!(compose.contains(&format!("ipv4_address: {agent}")), "{agent} in the compose file");
+        assert!(config.contains(&format!("\"{agent}:80\"")), "{agent} in switchyard.toml");
+    }
+    let dockerfile = std::fs::read_to_string(format!("{root}/deploy/Dockerfile")).expect("Dockerfile");
+    for line in dockerfile.lines().filter(|l| l.starts_with("COPY ") && !l.contains("--from")) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        for source in &words[1..words.len() - 1] {
+            assert!(std::path::Path::new(root).join(source).exists(), "{line}: {source} is not in the repository");
+        }
+    }
+}
+
 #[test]
 fn check_lists_every_error_with_its_line_and_exits_1() {
     let dir = std::env::temp_dir().join(format!("switchyard-cli-{}", std::process::id()));
