@@ -66,6 +66,21 @@ async fn settled(proxy: &TestProxy, sampled: u64) -> Value {
     }
 }
 
+/// A shadow that answers only when the test adds permits to the semaphore (or after 10 s).
+async fn held_shadow() -> (TestServer, Arc<tokio::sync::Semaphore>) {
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let held = release.clone();
+    let shadow = TestServer::with_handler("shadow", move |_req| {
+        let held = held.clone();
+        async move {
+            let _ = tokio::time::timeout(Duration::from_secs(10), held.acquire()).await;
+            Response::new(text("late"))
+        }
+    })
+    .await;
+    (shadow, release)
+}
+
 fn post(url: &str, body: Bytes) -> Request<Full<Bytes>> {
     Request::post(url).body(Full::new(body)).expect("request")
 }
@@ -164,17 +179,7 @@ async fn ten_percent_of_5000_requests_are_mirrored_within_tolerance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_shadow_gets_at_most_max_in_flight_copies_and_the_rest_are_dropped() {
     let primary = TestServer::named("primary").await;
-    let release = Arc::new(tokio::sync::Semaphore::new(0));
-    let held = release.clone();
-    let shadow = TestServer::with_handler("shadow", move |_req| {
-        let held = held.clone();
-        async move {
-            // Slow until the test lets it go (at most 10 s).
-            let _ = tokio::time::timeout(Duration::from_secs(10), held.acquire()).await;
-            Response::new(text("late"))
-        }
-    })
-    .await;
+    let (shadow, release) = held_shadow().await;
     let config = mirrored_route(
         &primary,
         &format!("\"{}\"", shadow.addr),
@@ -200,16 +205,7 @@ async fn a_slow_shadow_gets_at_most_max_in_flight_copies_and_the_rest_are_droppe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shadow_slower_than_its_timeout_is_counted_as_a_shadow_error_with_the_reason() {
     let primary = TestServer::named("primary").await;
-    let release = Arc::new(tokio::sync::Semaphore::new(0));
-    let held = release.clone();
-    let shadow = TestServer::with_handler("shadow", move |_req| {
-        let held = held.clone();
-        async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), held.acquire()).await;
-            Response::new(text("late"))
-        }
-    })
-    .await;
+    let (shadow, release) = held_shadow().await;
     let config = mirrored_route(
         &primary,
         &format!("\"{}\"", shadow.addr),
