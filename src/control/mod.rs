@@ -892,7 +892,7 @@ impl Control {
             let split = self.split_of(name).unwrap_or_default();
             for &b in route.members() {
                 let backend = &*table.backend(b).name;
-                let weight = split.iter().find(|(n, _)| n == backend).map_or(0, |(_, w)| *w);
+                let weight = weight_of(&split, backend);
                 f.gauge(
                     "switchyard_route_weight",
                     "The share of a route's requests a backend gets, in percent",
@@ -987,7 +987,7 @@ impl Control {
                     .iter()
                     .map(|&b| {
                         let backend = table.backend(b);
-                        let weight = split.iter().flatten().find(|(n, _)| *n == *backend.name).map_or(0, |(_, w)| *w);
+                        let weight = split.as_deref().map_or(0, |s| weight_of(s, &backend.name));
                         let servers: Vec<Value> = backend
                             .servers
                             .iter()
@@ -1021,6 +1021,11 @@ impl Control {
             "routes": routes,
         })
     }
+}
+
+/// A backend's share in a split; 0 when it is not in it.
+fn weight_of(split: &[(String, BasisPoints)], backend: &str) -> BasisPoints {
+    split.iter().find(|(name, _)| name == backend).map_or(0, |&(_, w)| w)
 }
 
 /// A split without its 0 % shares, in name order: the form splits are compared in.

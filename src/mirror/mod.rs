@@ -340,8 +340,7 @@ impl Mirror {
                 // Counted at once: the primary's answer (its receiver dropped here) would
                 // change nothing, and waiting for it would hold a place for nothing.
                 tracing::debug!(%method, %uri, %error, "mirrored copy failed");
-                self.note(Outcome::ShadowError);
-                return self.sample(method, uri, Outcome::ShadowError, None, None, error);
+                return self.differs(method, uri, Outcome::ShadowError, None, None, error);
             }
         };
         let Some(primary) = primary else { return self.note(Outcome::Sent) };
@@ -350,16 +349,18 @@ impl Mirror {
         let now = Instant::now();
         self.state.primary_latency.record(now, primary.latency, false);
         self.state.shadow_latency.record(now, shadow.latency, false);
-        let (outcome, detail) = judge(&primary, &shadow);
-        self.note(outcome);
-        if outcome != Outcome::Match {
-            tracing::debug!(%method, %uri, result = outcome.label(), %detail, "mirrored copy differs");
-            self.sample(method, uri, outcome, Some(&primary), Some(&shadow), detail);
+        match judge(&primary, &shadow) {
+            (Outcome::Match, _) => self.note(Outcome::Match),
+            (outcome, detail) => {
+                tracing::debug!(%method, %uri, result = outcome.label(), %detail, "mirrored copy differs");
+                self.differs(method, uri, outcome, Some(&primary), Some(&shadow), detail);
+            }
         }
     }
 
-    /// Keeps a differing request among the latest samples.
-    fn sample(
+    /// Counts a copy that did not answer like the primary, and keeps it among the latest
+    /// samples.
+    fn differs(
         &self,
         method: Method,
         path: Uri,
@@ -368,6 +369,7 @@ impl Mirror {
         shadow: Option<&Answer>,
         detail: String,
     ) {
+        self.note(outcome);
         let difference = Difference {
             at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
             method,
@@ -400,13 +402,9 @@ impl Mirror {
         let connect_timeout = self.connect_timeout.min(timeout);
         let started = Instant::now();
         let mut req = Request::from_parts(head, body);
-        let mut pooled = pool.take(started, self.upstream_idle_timeout);
+        let mut pooled = pool.take_ready(started, self.upstream_idle_timeout, connect_timeout).await;
         let (sender, response) = loop {
-            let reused = match pooled.take() {
-                Some(mut sender) => upstream::ready(&mut sender, connect_timeout).await.then_some(sender),
-                None => None,
-            };
-            let (mut sender, was_pooled) = match reused {
+            let (mut sender, was_pooled) = match pooled.take() {
                 Some(sender) => (sender, true),
                 None => (upstream::connect(server.addr, connect_timeout).await.map_err(|e| e.to_string())?, false),
             };

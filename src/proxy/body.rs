@@ -138,7 +138,7 @@ impl ResponseBody {
         match &mut self.kind {
             Kind::Upstream(body) if !body.inner.is_end_stream() => body.digest = Some(digest),
             // Whole already (an empty body): there is nothing more to read.
-            _ => (*digest).done(),
+            _ => digest.done(),
         }
     }
 
@@ -154,7 +154,7 @@ impl UpstreamBody {
             self.in_flight.server().pool.put(connection);
         }
         if let Some(digest) = self.digest.take() {
-            (*digest).done();
+            digest.done();
         }
     }
 }

@@ -39,6 +39,7 @@ pub use error::ProxyError;
 pub use listener::bind;
 
 use crate::config::Sticky;
+use crate::mirror::shape::Kind;
 use crate::mirror::MIRROR_HEADER;
 use crate::routes::{self, Backend, DrainOutcome, InFlight, Route, Server, Table, TableReader};
 use crate::upstream::{self, RequestBody, Sender};
@@ -169,18 +170,16 @@ impl Proxy {
         match self.proxy(&table, req, client).await {
             Ok(response) => response,
             Err(e) => {
-                // Failures once a backend was chosen are counted where they happen.
-                match &e {
-                    ProxyError::NoServer { route } => {
-                        if let Some(r) = table.routes.iter().find(|r| r.name == *route) {
-                            r.unbacked.record(e.status(), None);
-                        }
-                    }
+                // Refusals before a route was found; the rest are counted where they happen,
+                // against their route.
+                if matches!(
+                    e,
                     ProxyError::BadRequest(_)
-                    | ProxyError::BadPath(_)
-                    | ProxyError::HeadersTooLarge { .. }
-                    | ProxyError::NoRoute { .. } => table.unrouted.record(e.status(), None),
-                    _ => {}
+                        | ProxyError::BadPath(_)
+                        | ProxyError::HeadersTooLarge { .. }
+                        | ProxyError::NoRoute { .. }
+                ) {
+                    table.unrouted.record(e.status(), None);
                 }
                 e.into_response()
             }
@@ -217,9 +216,11 @@ impl Proxy {
             let bucket = sticky_hash.map_or_else(|| fastrand::u32(0..crate::config::ALL), routes::bucket);
             let overridden =
                 route.override_header.as_ref().and_then(|h| req.headers().get(h)).map(HeaderValue::as_bytes);
-            let backend = route
-                .pick_backend(table, bucket, overridden)
-                .ok_or_else(|| ProxyError::NoServer { route: route.name.clone() })?;
+            let Some(backend) = route.pick_backend(table, bucket, overridden) else {
+                let e = ProxyError::NoServer { route: route.name.clone() };
+                route.unbacked.record(e.status(), None);
+                return Err(e);
+            };
             (route, backend, sticky_hash, new_cookie, host, target)
         };
         let traffic = route.traffic(table, backend);
@@ -325,10 +326,7 @@ impl Proxy {
         // A connection that was offered an upgrade and declined it is not reused: its
         // state is whatever the server made of the offer.
         let reusable = if upgrade.is_none() { Some(connection) } else { None };
-        let event_stream = parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|t| t.as_bytes().get(..17).is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream")));
+        let event_stream = Kind::of(&parts.headers) == Kind::EventStream;
         let mut body = ResponseBody::upstream(body, reusable, in_flight, limits.stream_idle_timeout, event_stream);
         if let Some(digest) = digest {
             body.compare(digest);
@@ -386,12 +384,7 @@ async fn attempts(
         let started = Instant::now();
         first.get_or_insert(started);
         let in_flight = server.start_request();
-        let mut pooled = server.pool.take(started, limits.upstream_idle_timeout);
-        if let Some(sender) = &mut pooled {
-            if !upstream::ready(sender, limits.connect_timeout).await {
-                pooled = None;
-            }
-        }
+        let pooled = server.pool.take_ready(started, limits.upstream_idle_timeout, limits.connect_timeout).await;
         let (mut sender, pooled) = match pooled {
             Some(sender) => (sender, true),
             None => match upstream::connect(server.addr, limits.connect_timeout).await {

@@ -72,6 +72,13 @@ impl Pool {
         None
     }
 
+    /// [`take`](Self::take), then [`ready`] within `limit`: a pooled connection that can
+    /// carry a request now, or `None` (connect a new one).
+    pub async fn take_ready(&self, now: Instant, max_idle: Duration, limit: Duration) -> Option<Sender> {
+        let mut sender = self.take(now, max_idle)?;
+        ready(&mut sender, limit).await.then_some(sender)
+    }
+
     /// Returns a connection whose last response has been read to the end.
     pub fn put(&self, sender: Sender) {
         if sender.is_closed() {
