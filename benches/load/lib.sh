@@ -7,7 +7,7 @@
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 TEMPLATES="$ROOT/benches/load"
-SWITCHYARD="$ROOT/target/release/switchyard"
+SWITCHYARD=${SWITCHYARD:-"$ROOT/target/release/switchyard"}
 
 log() { printf '[%s] %s\n' "${LOG_TAG:-load}" "$*" >&2; }
 die() { printf '[%s] error: %s\n' "${LOG_TAG:-load}" "$*" >&2; exit 1; }
