@@ -2,6 +2,7 @@
 //! paths, protocols.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use http::Request;
 
@@ -286,4 +287,32 @@ async fn pooled_connections_idle_past_the_limit_are_not_reused() {
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     fetch(&client, get(&proxy.url("/"))).await.expect("answer");
     assert_eq!(blue.connections.load(std::sync::atomic::Ordering::SeqCst), 2, "a stale connection must not be reused");
+}
+
+/// A request whose first bytes could begin HTTP/2's preface ("P" of a PUT) is left to
+/// hyper-util's protocol detection, which reads on and serves it as HTTP/1.
+#[tokio::test]
+async fn an_http1_request_arriving_a_byte_at_first_is_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let blue = TestServer::named("blue").await;
+    let proxy =
+        TestProxy::start(&format!("{}[[routes]]\nname = \"r\"\nsplit = {{ blue = 100 }}\n", backend("blue", &[&blue])))
+            .await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    stream.write_all(b"P").await.expect("write");
+    // Not a synchronisation: the gap only makes the first byte likely to arrive alone.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stream
+        .write_all(b"UT /x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("answered")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("blue"), "{answer}");
+    assert_eq!(blue.requests()[0].method, http::Method::PUT);
 }
