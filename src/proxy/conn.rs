@@ -91,7 +91,10 @@ pub struct ClientIo {
     stream: TcpStream,
     shared: Arc<ConnShared>,
     timeouts: Timeouts,
+    /// Goes off at `due` or earlier (see [`arm`](Self::arm)).
     timer: Pin<Box<Sleep>>,
+    /// When what `wait` waits for times out.
+    due: Instant,
     wait: Wait,
     /// `started` as last seen: a change means hyper parsed a head since.
     seen_started: u64,
@@ -103,10 +106,12 @@ pub struct ClientIo {
 
 impl ClientIo {
     pub fn new(stream: TcpStream, shared: Arc<ConnShared>, timeouts: Timeouts) -> Self {
+        let due = Instant::now() + timeouts.idle;
         ClientIo {
             stream,
             shared,
-            timer: Box::pin(tokio::time::sleep(timeouts.idle)),
+            timer: Box::pin(tokio::time::sleep_until(due)),
+            due,
             timeouts,
             wait: Wait::Idle,
             seen_started: 0,
@@ -121,7 +126,25 @@ impl ClientIo {
             _ => self.timeouts.idle,
         };
         self.wait = wait;
-        self.timer.as_mut().reset(Instant::now() + after);
+        self.due = Instant::now() + after;
+        // Moving a timer takes the timer wheel's lock, and a keep-alive connection arms
+        // twice per request. A timer that goes off no later than the new deadline is left
+        // as it is: when it fires early, `poll_read` moves it on to `due`.
+        if self.timer.deadline() > self.due {
+            self.timer.as_mut().reset(self.due);
+        }
+    }
+
+    /// Ready once `due` has passed.
+    fn poll_due(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            ready!(self.timer.as_mut().poll(cx));
+            if Instant::now() >= self.due {
+                return Poll::Ready(());
+            }
+            let due = self.due;
+            self.timer.as_mut().reset(due);
+        }
     }
 
     /// Best effort: the socket buffer is empty at this point, so one non-blocking write of
@@ -167,7 +190,7 @@ impl AsyncRead for ClientIo {
                 if this.wait == Wait::None {
                     this.arm(Wait::Idle);
                 }
-                ready!(this.timer.as_mut().poll(cx));
+                ready!(this.poll_due(cx));
                 if this.wait == Wait::Head {
                     tracing::info!(status = 408, after = ?this.timeouts.header_read, "request refused: client too slow sending a request head");
                     this.send_408();
