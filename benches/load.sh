@@ -15,6 +15,7 @@
 #   LP_DELAY=1         seconds the long-poll origin holds each request
 #   PROXY_CPU=0        CPU for the proxies and origins;  WRK_CPU=1  CPU for wrk
 #   SKIP_BUILD=1       use the existing target/release/switchyard
+#   SWITCHYARD=PATH    measure this switchyard binary instead (another build, to compare two)
 #
 # Everything listens on and talks to 127.0.0.1 only. All temporary files live in one
 # mktemp -d directory, removed at exit together with every process this script started.
@@ -29,7 +30,7 @@ QUICK=0
 for arg in "$@"; do
     case "$arg" in
         --quick) QUICK=1 ;;
-        -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "load.sh: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
