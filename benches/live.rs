@@ -5,7 +5,8 @@
 //! 2. requests/s through the proxy with a `set-weights` every 10 ms against none (target:
 //!    within 3 %): short rounds in pairs, one of each kind back to back, and the median of
 //!    the pairs' ratios. The machine's own drift over a minute is larger than 3 %; within a
-//!    pair of one-second rounds it mostly cancels.
+//!    pair of one-second rounds it mostly cancels. The changes are sent twice over: on a new
+//!    connection each, as `switchyard ctl` does, and on one connection kept open.
 //!
 //! `cargo bench --bench live`
 
@@ -55,6 +56,30 @@ async fn body_of(client: &HttpClient, url: &str) -> Bytes {
 async fn admin(socket: &std::path::Path, line: &str) -> serde_json::Value {
     let words: Vec<String> = line.split_whitespace().map(str::to_string).collect();
     switchyard::admin::ctl::request(socket, &words).await.expect("admin answer")
+}
+
+/// How the weight changes reach the admin socket.
+enum Controller {
+    /// A new connection per command, as `switchyard ctl` makes.
+    PerCommand(std::path::PathBuf),
+    /// One connection kept open for every command, as a controller process can.
+    Kept(tokio::io::BufStream<tokio::net::UnixStream>),
+}
+
+impl Controller {
+    async fn send(&mut self, line: &str) -> serde_json::Value {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        match self {
+            Controller::PerCommand(socket) => admin(socket, line).await,
+            Controller::Kept(stream) => {
+                stream.write_all(format!("{line}\n").as_bytes()).await.expect("write");
+                stream.flush().await.expect("flush");
+                let mut answer = String::new();
+                stream.read_line(&mut answer).await.expect("read");
+                serde_json::from_str(&answer).expect("a JSON answer")
+            }
+        }
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -110,38 +135,45 @@ async fn main() {
         percentile(latencies, 1.0)
     );
 
-    // 2. Requests/s with and without a set-weights every 10 ms.
+    // 2. Requests/s with and without a set-weights every 10 ms, sent both ways.
     admin(&socket, "set-weights agent stable=50 canary=50").await;
-    let mut ratios = Vec::with_capacity(PAIRS);
-    let (mut quiet, mut busy) = (Vec::new(), Vec::new());
-    for pair in 0..PAIRS {
-        let order = if pair % 2 == 0 { [false, true] } else { [true, false] };
-        let mut rates = [0.0; 2];
-        for swapping in order {
-            rates[usize::from(swapping)] = load_round(&client, &url, swapping.then_some(&socket)).await;
+    for keep in [false, true] {
+        // Connected just before its rounds: the socket closes connections idle for 10 s.
+        let (how, mut controller) = if keep {
+            let kept = tokio::net::UnixStream::connect(&socket).await.expect("connect");
+            ("one connection kept open", Controller::Kept(tokio::io::BufStream::new(kept)))
+        } else {
+            ("a new connection per command", Controller::PerCommand(socket.clone()))
+        };
+        let mut ratios = Vec::with_capacity(PAIRS);
+        let (mut quiet, mut busy) = (Vec::new(), Vec::new());
+        for pair in 0..PAIRS {
+            let order = if pair % 2 == 0 { [false, true] } else { [true, false] };
+            let mut rates = [0.0; 2];
+            for swapping in order {
+                let changes = if swapping { Some(&mut controller) } else { None };
+                rates[usize::from(swapping)] = load_round(&client, &url, changes).await;
+            }
+            let [q, b] = rates;
+            quiet.push(q);
+            busy.push(b);
+            ratios.push(b / q);
         }
-        let [q, b] = rates;
-        quiet.push(q);
-        busy.push(b);
-        ratios.push(b / q);
+        let pct = |r: f64| (r - 1.0) * 100.0;
+        println!(
+            "set-weights every 10 ms on {how}, against none: median {:+.1} % per pair (quartiles {:+.1} % to {:+.1} %; target within 3 %); {CLIENTS} clients, {PAIRS} pairs of {ROUND:?} rounds, medians {:.0} and {:.0} requests/s",
+            pct(median(ratios.clone())),
+            pct(percentile(ratios.clone(), 0.25)),
+            pct(percentile(ratios, 0.75)),
+            median(quiet),
+            median(busy)
+        );
     }
-    let pct = |r: f64| (r - 1.0) * 100.0;
-    println!(
-        "requests/s, {CLIENTS} clients, {PAIRS} pairs of {ROUND:?} rounds: no weight changes {:.0}, set-weights every 10 ms {:.0} (medians)",
-        median(quiet),
-        median(busy)
-    );
-    println!(
-        "set-weights every 10 ms against none, per pair: median {:+.1} % (quartiles {:+.1} % to {:+.1} %); target within 3 %",
-        pct(median(ratios.clone())),
-        pct(percentile(ratios.clone(), 0.25)),
-        pct(percentile(ratios, 0.75))
-    );
     running.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-async fn load_round(client: &HttpClient, url: &str, swap_via: Option<&std::path::PathBuf>) -> f64 {
+async fn load_round(client: &HttpClient, url: &str, changes: Option<&mut Controller>) -> f64 {
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + ROUND;
     let clients: Vec<_> = (0..CLIENTS)
@@ -155,17 +187,19 @@ async fn load_round(client: &HttpClient, url: &str, swap_via: Option<&std::path:
             })
         })
         .collect();
-    if let Some(socket) = swap_via {
+    if let Some(controller) = changes {
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         let mut flip = false;
         while Instant::now() < deadline {
             tick.tick().await;
             flip = !flip;
-            let answer = admin(
-                socket,
-                if flip { "set-weights agent stable=60 canary=40" } else { "set-weights agent stable=50 canary=50" },
-            )
-            .await;
+            let answer = controller
+                .send(if flip {
+                    "set-weights agent stable=60 canary=40"
+                } else {
+                    "set-weights agent stable=50 canary=50"
+                })
+                .await;
             // Refused changes would measure nothing.
             assert_eq!(answer["ok"], true, "{answer}");
         }
