@@ -430,8 +430,8 @@ async fn attempts(
     let limits = &table.defaults;
     let mut server = server.clone();
     let mut connect_retried = false;
-    // Requests that may be replayed keep a copy of their head: one small allocation
-    // (header values are shared, not copied) for a long-poll that then never fails.
+    // Requests that may be replayed keep a copy of their head, owning its bytes in one
+    // allocation (see `replay_copy`): a long-poll that then never fails.
     let mut replay = replay_copy(&req);
     let replayable = replay.is_some();
     loop {
@@ -698,12 +698,18 @@ mod tests {
 
     #[test]
     fn a_replay_copy_is_the_same_request_head() {
-        let mut original = Request::get("/poll?after=41").body(RequestBody::Empty).expect("request");
+        // As hyper parses them: the target and the header values are slices of one read
+        // buffer.
+        let buffer = bytes::Bytes::from(b"/poll?after=41 agent.example a b Bearer t0ken".to_vec());
+        let value = |from: usize, to: usize| HeaderValue::from_maybe_shared(buffer.slice(from..to)).expect("value");
+        let mut original = Request::get(Uri::from_maybe_shared(buffer.slice(0..14)).expect("uri"))
+            .body(RequestBody::Empty)
+            .expect("request");
         let headers = original.headers_mut();
-        headers.insert(header::HOST, HeaderValue::from_static("agent.example"));
-        headers.append("x-trace", HeaderValue::from_static("a"));
-        headers.append("x-trace", HeaderValue::from_static("b"));
-        let mut secret = HeaderValue::from_static("Bearer t0ken");
+        headers.insert(header::HOST, value(15, 28));
+        headers.append("x-trace", value(29, 30));
+        headers.append("x-trace", value(31, 32));
+        let mut secret = value(33, 45);
         secret.set_sensitive(true);
         headers.insert(header::AUTHORIZATION, secret);
 
@@ -714,6 +720,9 @@ mod tests {
         let trace: Vec<_> = copy.headers().get_all("x-trace").iter().collect();
         assert_eq!(trace, ["a", "b"], "repeated headers keep their order");
         assert!(copy.headers()[header::AUTHORIZATION].is_sensitive());
+        assert_eq!(copy.headers()[header::AUTHORIZATION], "Bearer t0ken");
+        drop(original);
+        assert!(buffer.is_unique(), "the copy holds none of the read buffer");
 
         let post = Request::post("/chat").body(RequestBody::Empty).expect("request");
         assert!(replay_copy(&post).is_none(), "a POST could repeat its effect");

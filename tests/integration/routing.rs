@@ -289,8 +289,9 @@ async fn pooled_connections_idle_past_the_limit_are_not_reused() {
     assert_eq!(blue.connections.load(std::sync::atomic::Ordering::SeqCst), 2, "a stale connection must not be reused");
 }
 
-/// A request whose first bytes could begin HTTP/2's preface ("P" of a PUT) is left to
-/// hyper-util's protocol detection, which reads on and serves it as HTTP/1.
+/// A request whose first bytes could begin HTTP/2's preface ("P" of a PUT) is served as
+/// HTTP/1. When the "P" arrives alone, as it usually does here, the request goes through
+/// hyper-util's protocol detection; the unit test of `sniff` checks that decision itself.
 #[tokio::test]
 async fn an_http1_request_arriving_a_byte_at_first_is_served() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
