@@ -107,9 +107,7 @@ pub async fn run(out: &mut impl Write) -> Result<(), DemoError> {
     say(out, String::new())?;
     say(out, format!("act 1: canary {FAULTY} on {} (fails one request in {FAULTY_EVERY})", faulty.addr))?;
     say(out, format!("  {CONVERSATIONS} conversations (SSE token streams and long-polls) for {TRAFFIC_FOR:?}..."))?;
-    let deadline = Instant::now() + TRAFFIC_FOR;
-    let tasks: Vec<_> =
-        (0..CONVERSATIONS).map(|i| tokio::spawn(converse(addr, format!("conv-{i:03}"), deadline))).collect();
+    let tasks = start_conversations(addr, TRAFFIC_FOR);
     let target = stable_2.addr.to_string();
     let (act_1, drain_line) = tokio::join!(follow_rollout(&proxy, "RolledBack", out), drain_one(&proxy, &target));
     let act_1 = act_1?;
@@ -123,13 +121,8 @@ pub async fn run(out: &mut impl Write) -> Result<(), DemoError> {
     say(out, String::new())?;
     say(out, format!("act 2: the config now names canary {HEALTHY} on {} (a new rollout)", healthy.addr))?;
     write_config(&healthy, None)?;
-    let reloaded = proxy.command(Command::Reload, Actor::Switchyard).await;
-    if reloaded["ok"] != true {
-        return Err(DemoError::Story(format!("the new config was refused: {}", reloaded["error"])));
-    }
-    let deadline = Instant::now() + TRAFFIC_FOR;
-    let tasks: Vec<_> =
-        (0..CONVERSATIONS).map(|i| tokio::spawn(converse(addr, format!("conv-{i:03}"), deadline))).collect();
+    reload(&proxy, "the new config").await?;
+    let tasks = start_conversations(addr, TRAFFIC_FOR);
     let act_2 = follow_rollout(&proxy, "Complete", out).await?;
     let act_2_conversations = gather(tasks).await;
     report(out, &act_2_conversations)?;
@@ -147,13 +140,8 @@ pub async fn run(out: &mut impl Write) -> Result<(), DemoError> {
         ),
     )?;
     write_config(&healthy, Some(&shadow))?;
-    let reloaded = proxy.command(Command::Reload, Actor::Switchyard).await;
-    if reloaded["ok"] != true {
-        return Err(DemoError::Story(format!("the shadow config was refused: {}", reloaded["error"])));
-    }
-    let deadline = Instant::now() + SHADOW_FOR;
-    let tasks: Vec<_> =
-        (0..CONVERSATIONS).map(|i| tokio::spawn(converse(addr, format!("conv-{i:03}"), deadline))).collect();
+    reload(&proxy, "the shadow config").await?;
+    let tasks = start_conversations(addr, SHADOW_FOR);
     let act_3_conversations = gather(tasks).await;
     report(out, &act_3_conversations)?;
     let mirror = mirror_outcome(&proxy, out).await?;
@@ -239,6 +227,21 @@ async fn drain_one(proxy: &crate::app::Running, target: &str) -> String {
         trail.join(" → "),
         drain_started.elapsed()
     )
+}
+
+/// Starts every conversation, each running until `lasting` has passed.
+fn start_conversations(proxy: SocketAddr, lasting: Duration) -> Vec<tokio::task::JoinHandle<Conversation>> {
+    let deadline = Instant::now() + lasting;
+    (0..CONVERSATIONS).map(|i| tokio::spawn(converse(proxy, format!("conv-{i:03}"), deadline))).collect()
+}
+
+/// Reloads the config just written; `what` names it in the error if it is refused.
+async fn reload(proxy: &crate::app::Running, what: &str) -> Result<(), DemoError> {
+    let reloaded = proxy.command(Command::Reload, Actor::Switchyard).await;
+    if reloaded["ok"] != true {
+        return Err(DemoError::Story(format!("{what} was refused: {}", reloaded["error"])));
+    }
+    Ok(())
 }
 
 async fn gather(tasks: Vec<tokio::task::JoinHandle<Conversation>>) -> Vec<Conversation> {

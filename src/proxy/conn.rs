@@ -22,7 +22,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+/// HTTP/2's connection preface (RFC 9113, 3.4).
+pub(super) const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Enough of the preface to tell an HTTP/2 connection by its first read.
+const H2_PREFACE_START: &[u8] = H2_PREFACE.split_at(14).0;
 
 /// State shared between a connection's socket wrapper and its requests.
 #[derive(Debug, Default)]
@@ -177,7 +180,7 @@ impl AsyncRead for ClientIo {
                 let got = &buf.filled()[before..];
                 if this.first_read && !got.is_empty() {
                     this.first_read = false;
-                    this.h2 = got.starts_with(H2_PREFACE);
+                    this.h2 = got.starts_with(H2_PREFACE_START);
                 }
                 if !got.is_empty() && !busy && !this.h2 && this.wait != Wait::Head {
                     this.arm(Wait::Head);

@@ -44,7 +44,7 @@ use crate::mirror::shape::Kind;
 use crate::mirror::MIRROR_HEADER;
 use crate::routes::{self, Backend, DrainOutcome, InFlight, Route, Server, Table, TableReader};
 use crate::upstream::{self, RequestBody, Sender};
-use conn::{ClientIo, ConnShared, Timeouts};
+use conn::{ClientIo, ConnShared, Timeouts, H2_PREFACE};
 use headers::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 
 /// Extra hyper read buffer above the configured header limit, so that a head just over
@@ -353,11 +353,9 @@ enum Protocol {
 /// buffer to 16 KiB where 8 KiB serves: 8 KiB less for each connection held open, which
 /// is most of a long-poll's cost.
 async fn sniff(stream: &TcpStream) -> Protocol {
-    /// HTTP/2's connection preface (RFC 9113, 3.4).
-    const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-    let mut first = [0u8; 24];
+    let mut first = [0u8; H2_PREFACE.len()];
     match stream.peek(&mut first).await {
-        Ok(n) if n > 0 && !PREFACE.starts_with(&first[..n]) => Protocol::Http1,
+        Ok(n) if n > 0 && !H2_PREFACE.starts_with(&first[..n]) => Protocol::Http1,
         // HTTP/2, a preface cut short, the client gone: `auto` finds out.
         _ => Protocol::Undecided,
     }
