@@ -86,12 +86,13 @@ pub async fn serve(listener: UnixListener, path: PathBuf, control: Handle, shutd
     let _ = std::fs::remove_file(&path);
 }
 
-async fn client(stream: UnixStream, control: Handle) {
+async fn client(mut stream: UnixStream, control: Handle) {
     let actor = match stream.peer_cred() {
         Ok(cred) => Actor::Socket { uid: cred.uid(), pid: cred.pid() },
         Err(_) => Actor::Socket { uid: u32::MAX, pid: None },
     };
-    let (read, mut write) = stream.into_split();
+    // Borrowed halves: unlike owned ones, dropping them costs no `shutdown` call.
+    let (read, mut write) = stream.split();
     let mut reader = BufReader::new(read);
     let mut line = Vec::with_capacity(128);
     loop {

@@ -104,6 +104,10 @@ impl Event {
 #[derive(Debug)]
 pub struct EventLog {
     path: PathBuf,
+    /// Held open for appending from the first event on, with its device and inode: an
+    /// event costs a `stat` and a `write`, not the directory check, open and close it
+    /// took before (a `set-weights` every 10 ms paid for them on the proxy's core).
+    file: Option<(std::fs::File, (u64, u64))>,
     recent: VecDeque<Event>,
 }
 
@@ -120,7 +124,7 @@ impl EventLog {
                 }
             }
         }
-        EventLog { path, recent }
+        EventLog { path, file: None, recent }
     }
 
     /// Records an event: logged, appended to the file, kept for `events N`. A write
@@ -145,16 +149,39 @@ impl EventLog {
         self.recent.push_back(event);
     }
 
-    fn append(&self, event: &Event) -> std::io::Result<()> {
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        if std::fs::metadata(&self.path).is_ok_and(|m| m.len() >= ROTATE_AT) {
-            std::fs::rename(&self.path, self.path.with_extension("jsonl.1"))?;
-        }
+    fn append(&mut self, event: &Event) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(event)?;
         line.push(b'\n');
-        std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?.write_all(&line)
+        if let Err(e) = self.writer()?.write_all(&line) {
+            self.file = None;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The file to append to. One `stat` of the path tells whether it must be rotated
+    /// first, or opened afresh because it is not the file held open (deleted, renamed
+    /// away, or its directory recreated while switchyard ran).
+    fn writer(&mut self) -> std::io::Result<&mut std::fs::File> {
+        use std::os::unix::fs::MetadataExt;
+        let on_disk = std::fs::metadata(&self.path).ok();
+        let mut held = self.file.take().filter(|(_, id)| on_disk.as_ref().is_some_and(|m| (m.dev(), m.ino()) == *id));
+        if on_disk.is_some_and(|m| m.len() >= ROTATE_AT) {
+            held = None;
+            std::fs::rename(&self.path, self.path.with_extension("jsonl.1"))?;
+        }
+        let (file, id) = match held {
+            Some(held) => held,
+            None => {
+                if let Some(dir) = self.path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+                let meta = file.metadata()?;
+                (file, (meta.dev(), meta.ino()))
+            }
+        };
+        Ok(&mut self.file.insert((file, id)).0)
     }
 
     /// The last `n` events, oldest first.
@@ -184,6 +211,32 @@ mod tests {
         let last = reopened.last(10);
         assert_eq!(last.iter().map(|e| e.generation).collect::<Vec<_>>(), [0, 1, 2]);
         assert_eq!(last[0].actor, "config");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_held_file_rotates_mid_run_and_is_reopened_when_removed() {
+        let dir = std::env::temp_dir().join(format!("switchyard-events-held-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let log_file = dir.join("events.jsonl");
+        let generations = |path: &Path| -> Vec<u64> {
+            let text = std::fs::read_to_string(path).expect("read");
+            text.lines().filter_map(|l| serde_json::from_str::<Event>(l).ok()).map(|e| e.generation).collect()
+        };
+        // Just under the rotation size: the first event goes in, the next one rotates.
+        std::fs::write(&log_file, vec![b'\n'; ROTATE_AT as usize - 10]).expect("write");
+        let mut log = EventLog::open(&dir);
+        log.record(Event::new(&Actor::Config, "reload", 1));
+        log.record(Event::new(&Actor::Config, "reload", 2));
+        log.record(Event::new(&Actor::Config, "reload", 3));
+        assert_eq!(generations(&dir.join("events.jsonl.1")), [1]);
+        assert_eq!(generations(&log_file), [2, 3]);
+        // Removed while held open (by hand, or the whole directory): the next event is
+        // not written into the deleted file.
+        std::fs::remove_dir_all(&dir).expect("remove");
+        log.record(Event::new(&Actor::Config, "reload", 4));
+        assert_eq!(generations(&log_file), [4]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# What live changes cost the hot path: switchyard's requests/s and CPU per request with a
+# `set-weights` every 10 ms, against none (issue 3's target: within 3 %).
+#
+#   bash benches/live.sh            # PAIRS=20 pairs of 1-s phases, for each way of sending
+#   bash benches/live.sh --quick    # smoke test: PAIRS=2, PHASE=0.5
+#
+# Set-up as in load.sh: switchyard (one worker thread) and an nginx origin pinned to
+# PROXY_CPU, wrk pinned to WRK_CPU with CONNS connections. The route's split is between two
+# backends on the same origin. wrk keeps the proxy saturated for the whole run, while
+# benches/load/live_control.py, on WRK_CPU too, alternates quiet and busy phases (ABBA) and
+# sends the changes in the busy ones, on a new connection each (as `switchyard ctl` does) and
+# then on one connection kept open. Requests are counted at the origin, and the proxy's CPU
+# time is read from schedstat (ns, every thread), at each phase's edges.
+#
+# Environment (all optional): PAIRS=20, PHASE=1 (seconds), GAP=0.2 (unmeasured seconds
+# after each phase), CONNS=50, MODES="new kept", PROXY_CPU=0, WRK_CPU=1, SKIP_BUILD=1,
+# SWITCHYARD=PATH.
+#
+# Everything listens on and talks to 127.0.0.1 only; every process and file is removed at exit.
+set -euo pipefail
+
+QUICK=0
+for arg in "$@"; do
+    case "$arg" in
+        --quick) QUICK=1 ;;
+        -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+        *) echo "live.sh: unknown argument: $arg" >&2; exit 2 ;;
+    esac
+done
+if ((QUICK)); then
+    PAIRS=${PAIRS:-2}
+    PHASE=${PHASE:-0.5}
+fi
+PAIRS=${PAIRS:-20}
+PHASE=${PHASE:-1}
+GAP=${GAP:-0.2}
+CONNS=${CONNS:-50}
+MODES=${MODES:-new kept}
+WRK_THREADS=1
+PROXY_CPU=${PROXY_CPU:-0}
+WRK_CPU=${WRK_CPU:-1}
+CONTROL_CPU=${CONTROL_CPU:-$WRK_CPU}
+SKIP_BUILD=${SKIP_BUILD:-0}
+LOG_TAG=live
+
+# shellcheck source=benches/load/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/load/lib.sh"
+
+ORIGIN_PORT=$(free_port)
+SY_PORT=$(free_port)
+start_nginx origin "$TEMPLATES/origin.nginx.conf" "ORIGIN_PORT=$ORIGIN_PORT"
+ORIGIN_PID=$STARTED_PID
+wait_port "$ORIGIN_PORT" "$ORIGIN_PID" "$TMP/origin-error.log"
+set_group "$ORIGIN_PID" 1
+start_switchyard switchyard "$SY_PORT" "$ORIGIN_PORT" "$TEMPLATES/switchyard-live.toml"
+SY_PID=$STARTED_PID
+wait_port "$SY_PORT" "$SY_PID" "$TMP/switchyard.log"
+check_body switchyard "http://127.0.0.1:$SY_PORT/2b" 2
+log "origin :$ORIGIN_PORT, switchyard :$SY_PORT; $PAIRS pairs of ${PHASE}-s phases per way, $CONNS connections"
+
+# Seconds the controller runs: the phases, their gaps, and a margin for its own start.
+span=$(awk -v p="$PAIRS" -v s="$PHASE" -v g="$GAP" 'BEGIN { printf "%d", 2 * p * (s + g) + 3 }')
+ROWS=()
+for mode in $MODES; do
+    out="$TMP/wrk-$mode.txt"
+    # wrk outlasts the controller; one unmeasured second first fills the connection pools.
+    run_wrk "$out" "$CONNS" "$((span + 2))" "http://127.0.0.1:$SY_PORT/2b" &
+    wrk_pid=$!
+    sleep 1
+    row=$(taskset -c "$CONTROL_CPU" python3 "$TEMPLATES/live_control.py" "$TMP/switchyard.sock" \
+        "http://127.0.0.1:$ORIGIN_PORT/status" "$SY_PID" "$(pids_of "$ORIGIN_PID" | tr ' ' ,)" "$PAIRS" "$PHASE" "$GAP" "$mode" "$TMP/phases-$mode.json") ||
+        die "the controller failed ($mode)"
+    wait "$wrk_pid" || die "wrk failed ($mode)"
+    kill -0 "$SY_PID" 2>/dev/null || die "switchyard died ($mode)"
+    errs=$(wrk_errors "$out")
+    [[ -z $errs ]] || die "failed requests while the split changed ($mode): $errs"
+    log "$mode: $row"
+    ROWS+=("$row")
+done
+
+echo
+echo "## requests/s and CPU per request with a set-weights every 10 ms, against none"
+echo
+echo "switchyard (worker_threads = 1) and its nginx origin on CPU $PROXY_CPU; wrk ($CONNS connections) and the"
+echo "controller on CPU $WRK_CPU. Busy and quiet ${PHASE}-s phases alternate (ABBA); totals per kind of phase, and the"
+echo "median (quartiles) of each pair's busy/quiet ratio. wrk saw no failed request."
+echo
+echo "| changes sent on | pairs | quiet req/s | busy req/s | req/s change | quiet CPU/req | busy CPU/req | CPU/req change | quiet CPU ÷ origin CPU | busy CPU ÷ origin CPU | its change | changes/s | control thread per change |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+printf '%s\n' "${ROWS[@]}"
