@@ -1,20 +1,12 @@
-//! Live control measured end to end, everything on 127.0.0.1 in one process:
+//! Rollback latency, measured end to end on 127.0.0.1 in one process: from sending
+//! `rollback` on the admin socket to the first request served by the stable side (target
+//! under 10 ms, median over 100 rollbacks).
 //!
-//! 1. rollback latency: from sending `rollback` on the admin socket to the first request
-//!    served by the stable side (target under 10 ms, median over 100 rollbacks);
-//! 2. requests/s through the proxy with a `set-weights` every 10 ms against none (target:
-//!    within 3 %): short rounds in pairs, one of each kind back to back, and the median of
-//!    the pairs' ratios. The machine's own drift over a minute is larger than 3 %; within a
-//!    pair of one-second rounds it mostly cancels. The changes are sent twice over: on a new
-//!    connection each, as `switchyard ctl` does, and on one connection kept open.
-//!
-//! `cargo bench --bench live`
+//! `cargo bench --bench live`. What a `set-weights` every 10 ms costs the hot path is
+//! measured by `benches/live.sh`, with the proxy on a core of its own as in `load.sh`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -24,10 +16,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::time::Instant;
 
 const ROLLBACKS: usize = 100;
-/// Pairs of rounds, one quiet and one with weight changes; which goes first alternates.
-const PAIRS: usize = 25;
-const ROUND: Duration = Duration::from_secs(1);
-const CLIENTS: usize = 50;
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
@@ -56,30 +44,6 @@ async fn body_of(client: &HttpClient, url: &str) -> Bytes {
 async fn admin(socket: &std::path::Path, line: &str) -> serde_json::Value {
     let words: Vec<String> = line.split_whitespace().map(str::to_string).collect();
     switchyard::admin::ctl::request(socket, &words).await.expect("admin answer")
-}
-
-/// How the weight changes reach the admin socket.
-enum Controller {
-    /// A new connection per command, as `switchyard ctl` makes.
-    PerCommand(std::path::PathBuf),
-    /// One connection kept open for every command, as a controller process can.
-    Kept(tokio::io::BufStream<tokio::net::UnixStream>),
-}
-
-impl Controller {
-    async fn send(&mut self, line: &str) -> serde_json::Value {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-        match self {
-            Controller::PerCommand(socket) => admin(socket, line).await,
-            Controller::Kept(stream) => {
-                stream.write_all(format!("{line}\n").as_bytes()).await.expect("write");
-                stream.flush().await.expect("flush");
-                let mut answer = String::new();
-                stream.read_line(&mut answer).await.expect("read");
-                serde_json::from_str(&answer).expect("a JSON answer")
-            }
-        }
-    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -135,77 +99,6 @@ async fn main() {
         percentile(latencies, 1.0)
     );
 
-    // 2. Requests/s with and without a set-weights every 10 ms, sent both ways.
-    admin(&socket, "set-weights agent stable=50 canary=50").await;
-    for keep in [false, true] {
-        // Connected just before its rounds: the socket closes connections idle for 10 s.
-        let (how, mut controller) = if keep {
-            let kept = tokio::net::UnixStream::connect(&socket).await.expect("connect");
-            ("one connection kept open", Controller::Kept(tokio::io::BufStream::new(kept)))
-        } else {
-            ("a new connection per command", Controller::PerCommand(socket.clone()))
-        };
-        let mut ratios = Vec::with_capacity(PAIRS);
-        let (mut quiet, mut busy) = (Vec::new(), Vec::new());
-        for pair in 0..PAIRS {
-            let order = if pair % 2 == 0 { [false, true] } else { [true, false] };
-            let mut rates = [0.0; 2];
-            for swapping in order {
-                let changes = if swapping { Some(&mut controller) } else { None };
-                rates[usize::from(swapping)] = load_round(&client, &url, changes).await;
-            }
-            let [q, b] = rates;
-            quiet.push(q);
-            busy.push(b);
-            ratios.push(b / q);
-        }
-        let pct = |r: f64| (r - 1.0) * 100.0;
-        println!(
-            "set-weights every 10 ms on {how}, against none: median {:+.1} % per pair (quartiles {:+.1} % to {:+.1} %; target within 3 %); {CLIENTS} clients, {PAIRS} pairs of {ROUND:?} rounds, medians {:.0} and {:.0} requests/s",
-            pct(median(ratios.clone())),
-            pct(percentile(ratios.clone(), 0.25)),
-            pct(percentile(ratios, 0.75)),
-            median(quiet),
-            median(busy)
-        );
-    }
     running.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-async fn load_round(client: &HttpClient, url: &str, changes: Option<&mut Controller>) -> f64 {
-    let done = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + ROUND;
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| {
-            let (client, url, done) = (client.clone(), url.to_string(), done.clone());
-            tokio::spawn(async move {
-                while Instant::now() < deadline {
-                    body_of(&client, &url).await;
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
-    if let Some(controller) = changes {
-        let mut tick = tokio::time::interval(Duration::from_millis(10));
-        let mut flip = false;
-        while Instant::now() < deadline {
-            tick.tick().await;
-            flip = !flip;
-            let answer = controller
-                .send(if flip {
-                    "set-weights agent stable=60 canary=40"
-                } else {
-                    "set-weights agent stable=50 canary=50"
-                })
-                .await;
-            // Refused changes would measure nothing.
-            assert_eq!(answer["ok"], true, "{answer}");
-        }
-    }
-    for c in clients {
-        let _ = c.await;
-    }
-    done.load(Ordering::Relaxed) as f64 / ROUND.as_secs_f64()
 }

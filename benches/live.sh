@@ -10,12 +10,15 @@
 # backends on the same origin. wrk keeps the proxy saturated for the whole run, while
 # benches/load/live_control.py, on WRK_CPU too, alternates quiet and busy phases (ABBA) and
 # sends the changes in the busy ones, on a new connection each (as `switchyard ctl` does) and
-# then on one connection kept open. Requests are counted at the origin, and the proxy's CPU
-# time is read from schedstat (ns, every thread), at each phase's edges.
+# then on one connection kept open. Requests are counted at the origin, and the CPU time of
+# the proxy and of the origin is read from schedstat (ns, every thread) at each phase's edges.
 #
 # Environment (all optional): PAIRS=20, PHASE=1 (seconds), GAP=0.2 (unmeasured seconds
-# after each phase), CONNS=50, MODES="new kept", PROXY_CPU=0, WRK_CPU=1, SKIP_BUILD=1,
-# SWITCHYARD=PATH.
+# after each phase), CONNS=50, MODES="new kept", PROXY_CPU=0, WRK_CPU=1, CONTROL_CPU (the
+# controller's; WRK_CPU by default), SKIP_BUILD=1, SWITCHYARD=PATH.
+#
+# Before the load, each way is also measured alone: 3 s of changes with no other traffic
+# give the proxy's CPU per change.
 #
 # Everything listens on and talks to 127.0.0.1 only; every process and file is removed at exit.
 set -euo pipefail
@@ -24,7 +27,7 @@ QUICK=0
 for arg in "$@"; do
     case "$arg" in
         --quick) QUICK=1 ;;
-        -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "live.sh: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -62,7 +65,11 @@ log "origin :$ORIGIN_PORT, switchyard :$SY_PORT; $PAIRS pairs of ${PHASE}-s phas
 # Seconds the controller runs: the phases, their gaps, and a margin for its own start.
 span=$(awk -v p="$PAIRS" -v s="$PHASE" -v g="$GAP" 'BEGIN { printf "%d", 2 * p * (s + g) + 3 }')
 ROWS=()
+declare -A IDLE
 for mode in $MODES; do
+    IDLE[$mode]=$(taskset -c "$CONTROL_CPU" python3 "$TEMPLATES/live_control.py" idle "$TMP/switchyard.sock" "$SY_PID" 3 "$mode") ||
+        die "the controller failed (idle, $mode)"
+    log "$mode, no other traffic: the proxy's CPU per change (all, control thread) in µs: ${IDLE[$mode]}"
     out="$TMP/wrk-$mode.txt"
     # wrk outlasts the controller; one unmeasured second first fills the connection pools.
     run_wrk "$out" "$CONNS" "$((span + 2))" "http://127.0.0.1:$SY_PORT/2b" &
@@ -83,9 +90,15 @@ echo
 echo "## requests/s and CPU per request with a set-weights every 10 ms, against none"
 echo
 echo "switchyard (worker_threads = 1) and its nginx origin on CPU $PROXY_CPU; wrk ($CONNS connections) and the"
-echo "controller on CPU $WRK_CPU. Busy and quiet ${PHASE}-s phases alternate (ABBA); totals per kind of phase, and the"
-echo "median (quartiles) of each pair's busy/quiet ratio. wrk saw no failed request."
+echo "controller on CPU $CONTROL_CPU. Busy and quiet ${PHASE}-s phases alternate (ABBA): totals per kind of phase, and the"
+echo "median (quartiles) of each pair's busy/quiet ratio. The proxy's CPU is over the origin's in the same phase, which"
+echo "cancels the machine's own changes of speed. wrk saw no failed request."
 echo
-echo "| changes sent on | pairs | quiet req/s | busy req/s | req/s change | quiet CPU/req | busy CPU/req | CPU/req change | quiet CPU ÷ origin CPU | busy CPU ÷ origin CPU | its change | changes/s | control thread per change |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+echo "| changes sent on | pairs | req/s, quiet → busy | req/s change | proxy CPU ÷ origin CPU, quiet → busy | its change | its change, control thread left out | changes/s | control thread per change |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 printf '%s\n' "${ROWS[@]}"
+echo
+for mode in $MODES; do
+    read -r all control <<<"${IDLE[$mode]}"
+    echo "- With no other traffic, a change ($mode connection) cost the proxy $all µs of CPU, $control µs of it on the control thread."
+done

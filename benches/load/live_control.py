@@ -6,7 +6,11 @@ request. Phases come in pairs, quiet-busy then busy-quiet (ABBA), so that a stea
 the machine cancels out; a short unmeasured gap after each phase keeps one phase's after-
 effects (a coalesced state write) out of the next.
 
-    live_control.py SOCKET STATUS_URL PID PAIRS PHASE_S GAP_S MODE OUT_JSON
+    live_control.py SOCKET STATUS_URL PID ORIGIN_PIDS PAIRS PHASE_S GAP_S MODE OUT_JSON
+    live_control.py idle SOCKET PID SECONDS MODE
+
+The second form sends changes with no HTTP traffic and prints the proxy's CPU per change,
+in all and in its control thread (µs).
 
 MODE is "new" (a new connection per command, as `switchyard ctl` makes) or "kept" (one
 connection for every command). Writes the per-phase figures to OUT_JSON and prints a
@@ -88,7 +92,22 @@ def phase(busy, seconds, admin, url, pid, origin):
             "control_ns": k1 - k0, "changes": changes}
 
 
+def idle(path, pid, seconds, mode):
+    """The proxy's CPU per change with no other traffic: what one change costs it."""
+    admin = Admin(path, mode == "kept")
+    (c0, k0), t0, changes = cpu_ns([pid]), time.monotonic(), 0
+    while time.monotonic() < t0 + seconds:
+        admin.send(SPLITS[changes % 2])
+        changes += 1
+        time.sleep(max(0.0, t0 + changes * INTERVAL - time.monotonic()))
+    c1, k1 = cpu_ns([pid])
+    print(f"{(c1 - c0) / changes / 1000:.0f} {(k1 - k0) / changes / 1000:.0f}")
+
+
 def main():
+    if sys.argv[1] == "idle":
+        path, pid, seconds, mode = sys.argv[2:6]
+        return idle(path, pid, float(seconds), mode)
     path, url, pid, origin, pairs, seconds, gap, mode, out = sys.argv[1:10]
     origin = origin.split(",")
     pairs, seconds, gap = int(pairs), float(seconds), float(gap)
@@ -108,34 +127,33 @@ def main():
     print(summary(mode, phases))
 
 
-def quartiles(values):
+def spread(values):
+    """Median and quartiles of busy/quiet ratios, as percentages of change."""
     v = sorted(values)
-    return v[len(v) // 4], statistics.median(v), v[(3 * len(v)) // 4]
+    pct = lambda r: f"{(r - 1) * 100:+.1f} %"
+    return f"{pct(statistics.median(v))} ({pct(v[len(v) // 4])} to {pct(v[(3 * len(v)) // 4])})"
 
 
 def summary(mode, phases):
-    """One markdown row: totals per kind of phase, and the pairs' ratios (busy over quiet)."""
+    """One markdown row: totals per kind of phase, then the median and quartiles of each
+    pair's busy/quiet ratio."""
     kinds = {busy: [p for p in phases if p["busy"] == busy] for busy in (False, True)}
-    rate = {k: sum(p["requests"] for p in v) / sum(p["seconds"] for p in v) for k, v in kinds.items()}
-    cpu = {k: sum(p["cpu_ns"] for p in v) / sum(p["requests"] for p in v) for k, v in kinds.items()}
-    pairs = [phases[i:i + 2] for i in range(0, len(phases) - 1, 2)]
-    by_kind = [{p["busy"]: p for p in pair} for pair in pairs]
-    rps_ratios = [(b[True]["requests"] / b[True]["seconds"]) / (b[False]["requests"] / b[False]["seconds"]) for b in by_kind]
-    cpu_ratios = [(b[True]["cpu_ns"] / b[True]["requests"]) / (b[False]["cpu_ns"] / b[False]["requests"]) for b in by_kind]
+    total = lambda busy, key: sum(p[key] for p in kinds[busy])
+    rate = lambda p: p["requests"] / p["seconds"]
     # The proxy's CPU over the origin's in the same phase: the machine's speed cancels out.
-    norm = {k: sum(p["cpu_ns"] for p in v) / sum(p["origin_ns"] for p in v) for k, v in kinds.items()}
-    norm_ratios = [(b[True]["cpu_ns"] / b[True]["origin_ns"]) / (b[False]["cpu_ns"] / b[False]["origin_ns"]) for b in by_kind]
-    changes = sum(p["changes"] for p in kinds[True])
-    per_change_us = sum(p["control_ns"] for p in kinds[True]) / max(changes, 1) / 1000
-    pct = lambda r: f"{(r - 1) * 100:+.1f} %"
-    rq, rm, r3 = quartiles(rps_ratios)
-    cq, cm, c3 = quartiles(cpu_ratios)
-    nq, nm, n3 = quartiles(norm_ratios)
+    cpu = lambda p: p["cpu_ns"] / p["origin_ns"]
+    # The same, for the threads that serve requests alone (the control thread left out).
+    hot = lambda p: (p["cpu_ns"] - p["control_ns"]) / p["origin_ns"]
+    pairs = [{p["busy"]: p for p in phases[i:i + 2]} for i in range(0, len(phases) - 1, 2)]
+    ratios = lambda f: spread([f(pair[True]) / f(pair[False]) for pair in pairs])
+    changes = total(True, "changes")
     how = "a new connection per change" if mode == "new" else "one connection kept open"
-    return (f"| {how} | {len(pairs)} | {rate[False]:.0f} | {rate[True]:.0f} | {pct(rm)} ({pct(rq)} to {pct(r3)}) "
-            f"| {cpu[False] / 1000:.2f} µs | {cpu[True] / 1000:.2f} µs | {pct(cm)} ({pct(cq)} to {pct(c3)}) "
-            f"| {norm[False]:.2f} | {norm[True]:.2f} | {pct(nm)} ({pct(nq)} to {pct(n3)}) "
-            f"| {changes / sum(p['seconds'] for p in kinds[True]):.0f} | {per_change_us:.0f} µs |")
+    return (f"| {how} | {len(pairs)} "
+            f"| {total(False, 'requests') / total(False, 'seconds'):.0f} → {total(True, 'requests') / total(True, 'seconds'):.0f} "
+            f"| {ratios(rate)} "
+            f"| {total(False, 'cpu_ns') / total(False, 'origin_ns'):.2f} → {total(True, 'cpu_ns') / total(True, 'origin_ns'):.2f} "
+            f"| {ratios(cpu)} | {ratios(hot)} "
+            f"| {changes / total(True, 'seconds'):.0f} | {total(True, 'control_ns') / max(changes, 1) / 1000:.0f} µs |")
 
 
 if __name__ == "__main__":
