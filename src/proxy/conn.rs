@@ -24,8 +24,33 @@ use tokio::time::{Instant, Sleep};
 
 /// HTTP/2's connection preface (RFC 9113, 3.4).
 pub(super) const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// Enough of the preface to tell an HTTP/2 connection by its first read.
-const H2_PREFACE_START: &[u8] = H2_PREFACE.split_at(14).0;
+
+/// What a client speaks, as far as the bytes it has sent tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Speaks {
+    /// Its bytes so far are the first `n` of HTTP/2's preface (a preface may arrive in
+    /// pieces, across reads).
+    Undecided(u8),
+    Http1,
+    Http2,
+}
+
+impl Speaks {
+    /// What the client speaks once it has also sent `bytes`.
+    fn after(self, bytes: &[u8]) -> Speaks {
+        let Speaks::Undecided(seen) = self else { return self };
+        let expected = &H2_PREFACE[usize::from(seen)..];
+        let n = bytes.len().min(expected.len());
+        if bytes[..n] != expected[..n] {
+            Speaks::Http1
+        } else if n == expected.len() {
+            Speaks::Http2
+        } else {
+            // n < 24 - seen, so the sum fits in a u8.
+            Speaks::Undecided(seen + n as u8)
+        }
+    }
+}
 
 /// State shared between a connection's socket wrapper and its requests.
 #[derive(Debug, Default)]
@@ -101,10 +126,10 @@ pub struct ClientIo {
     wait: Wait,
     /// `started` as last seen: a change means hyper parsed a head since.
     seen_started: u64,
-    /// HTTP/2 (known from the preface): frames flow all the time, and a 408 would corrupt
-    /// the stream, so only the idle timeout applies.
-    h2: bool,
-    first_read: bool,
+    /// Only HTTP/1 clients get the header-read timeout and its 408. On HTTP/2 frames flow
+    /// all the time, and a 408 would corrupt the stream; while the first bytes could still
+    /// be HTTP/2's preface, only the idle timeout applies.
+    speaks: Speaks,
 }
 
 impl ClientIo {
@@ -118,8 +143,7 @@ impl ClientIo {
             timeouts,
             wait: Wait::Idle,
             seen_started: 0,
-            h2: false,
-            first_read: true,
+            speaks: Speaks::Undecided(0),
         }
     }
 
@@ -178,11 +202,8 @@ impl AsyncRead for ClientIo {
         match result {
             Poll::Ready(Ok(())) => {
                 let got = &buf.filled()[before..];
-                if this.first_read && !got.is_empty() {
-                    this.first_read = false;
-                    this.h2 = got.starts_with(H2_PREFACE_START);
-                }
-                if !got.is_empty() && !busy && !this.h2 && this.wait != Wait::Head {
+                this.speaks = this.speaks.after(got);
+                if !got.is_empty() && !busy && this.speaks == Speaks::Http1 && this.wait != Wait::Head {
                     this.arm(Wait::Head);
                 }
                 Poll::Ready(Ok(()))
@@ -233,5 +254,41 @@ impl AsyncWrite for ClientIo {
     #[inline]
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn speaks(reads: &[&[u8]]) -> Speaks {
+        reads.iter().fold(Speaks::Undecided(0), |speaks, bytes| speaks.after(bytes))
+    }
+
+    #[test]
+    fn the_preface_is_known_however_it_is_cut_across_reads() {
+        let mut whole = H2_PREFACE.to_vec();
+        // A SETTINGS frame usually follows in the same write.
+        whole.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        assert_eq!(speaks(&[&whole]), Speaks::Http2);
+        for cut in 1..H2_PREFACE.len() {
+            let (first, rest) = whole.split_at(cut);
+            assert_eq!(speaks(&[first]), Speaks::Undecided(cut as u8), "cut at {cut}");
+            assert_eq!(speaks(&[first, b"", rest]), Speaks::Http2, "cut at {cut}");
+        }
+        let one_by_one: Vec<&[u8]> = H2_PREFACE.chunks(1).collect();
+        assert_eq!(speaks(&one_by_one), Speaks::Http2);
+    }
+
+    #[test]
+    fn http1_is_known_at_its_first_byte_off_the_preface() {
+        assert_eq!(speaks(&[b"GET / HTTP/1.1\r\n"]), Speaks::Http1);
+        assert_eq!(speaks(&[b"P"]), Speaks::Undecided(1));
+        assert_eq!(speaks(&[b"P", b"OST / HTTP/1.1\r\n"]), Speaks::Http1);
+        assert_eq!(speaks(&[b"PRI * HTTP/1.1\r\n"]), Speaks::Http1);
+        // Decided for good: later bytes change nothing.
+        assert_eq!(speaks(&[b"GET", H2_PREFACE]), Speaks::Http1);
+        assert_eq!(speaks(&[H2_PREFACE, b"GET / HTTP/1.1\r\n"]), Speaks::Http2);
+        assert_eq!(speaks(&[b""]), Speaks::Undecided(0));
     }
 }

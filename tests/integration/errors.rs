@@ -47,6 +47,81 @@ async fn a_client_too_slow_with_its_head_gets_408_and_an_idle_one_is_closed_quie
     assert!(answer.starts_with("HTTP/1.1 200") && !answer.contains("408"), "{answer}");
 }
 
+/// A client socket whose first `skip` bytes of writing are taken as sent: the test has
+/// written them itself, ahead of the client library.
+struct AlreadySent {
+    stream: tokio::net::TcpStream,
+    skip: usize,
+}
+
+impl tokio::io::AsyncRead for AlreadySent {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for AlreadySent {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.skip > 0 {
+            let n = buf.len().min(self.skip);
+            self.skip -= n;
+            return std::task::Poll::Ready(Ok(n));
+        }
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn an_h2c_client_whose_preface_arrives_in_pieces_is_never_sent_a_408() {
+    use tokio::io::AsyncWriteExt;
+    let blue = TestServer::named("blue").await;
+    let proxy = TestProxy::start(&format!(
+        "[defaults]\nheader_read_timeout = \"200ms\"\nidle_timeout = \"5s\"\n{}",
+        one_route(&backend("blue", &[&blue]), "blue = 100", "")
+    ))
+    .await;
+    // The preface's first five bytes alone, so that the proxy's first read cannot see
+    // more of it (a pause is the only way to get that from outside); the h2 client sends
+    // the rest.
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+    stream.write_all(b"PRI *").await.expect("write");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let io = hyper_util::rt::TokioIo::new(AlreadySent { stream, skip: 5 });
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    // Quiet for longer than the header-read timeout: an HTTP/2 connection between
+    // requests is idle, not slow with a head. A raw 408 written into it would end it.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let req = Request::get(proxy.url("/h2")).body(http_body_util::Empty::<bytes::Bytes>::new()).expect("req");
+    let response = sender.send_request(req).await.expect("an answer on the same connection");
+    assert_eq!(response.status(), 200);
+    let body = http_body_util::BodyExt::collect(response.into_body()).await.expect("body").to_bytes();
+    assert_eq!(&body[..], b"blue");
+}
+
 #[tokio::test]
 async fn oversized_headers_are_431_with_a_reason() {
     let blue = TestServer::named("blue").await;
