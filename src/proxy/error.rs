@@ -38,6 +38,18 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// Refused before a route was found, so counted with the unrouted requests; every other
+    /// error is counted where it happens, against its route and backend.
+    pub fn is_before_route(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::BadRequest(_)
+                | ProxyError::BadPath(_)
+                | ProxyError::HeadersTooLarge { .. }
+                | ProxyError::NoRoute { .. }
+        )
+    }
+
     /// The one mapping from error to status.
     pub fn status(&self) -> StatusCode {
         match self {

@@ -172,15 +172,7 @@ impl Proxy {
         match self.proxy(&table, req, client).await {
             Ok(response) => response,
             Err(e) => {
-                // Refusals before a route was found; the rest are counted where they happen,
-                // against their route.
-                if matches!(
-                    e,
-                    ProxyError::BadRequest(_)
-                        | ProxyError::BadPath(_)
-                        | ProxyError::HeadersTooLarge { .. }
-                        | ProxyError::NoRoute { .. }
-                ) {
+                if e.is_before_route() {
                     table.unrouted.record(e.status(), None);
                 }
                 e.into_response()

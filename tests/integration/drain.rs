@@ -12,11 +12,7 @@ use crate::support::*;
 async fn draining_a_server_under_load_fails_nothing_and_sends_it_nothing_new() {
     let a = TestServer::named("a").await;
     let b = TestServer::named("b").await;
-    let proxy = TestProxy::start(&format!(
-        "{}[[routes]]\nname = \"r\"\nsplit = {{ pool = 100 }}\n",
-        backend("pool", &[&a, &b])
-    ))
-    .await;
+    let proxy = TestProxy::start(&all_to("pool", &[&a, &b])).await;
     let load = Load::start(proxy.addr, 50);
     assert!(eventually(Duration::from_secs(5), || a.request_count() > 100).await, "a serves first");
 
@@ -75,7 +71,7 @@ async fn drain_wait_answers_when_the_last_long_poll_ends() {
 async fn drains_survive_a_restart_and_unknown_targets_are_refused() {
     let a = TestServer::named("a").await;
     let b = TestServer::named("b").await;
-    let config = format!("{}[[routes]]\nname = \"r\"\nsplit = {{ pool = 100 }}\n", backend("pool", &[&a, &b]));
+    let config = all_to("pool", &[&a, &b]);
     let proxy = TestProxy::start(&config).await;
     assert!(admin(&proxy, "drain nowhere").await["error"]
         .as_str()
@@ -168,8 +164,7 @@ async fn at_the_deadline_an_sse_stream_ends_between_events() {
         r
     })
     .await;
-    let proxy =
-        TestProxy::start(&format!("{}[[routes]]\nname = \"r\"\nsplit = {{ s = 100 }}\n", backend("s", &[&sse]))).await;
+    let proxy = TestProxy::start(&all_to("s", &[&sse])).await;
     let response = client().request(get(&proxy.url("/chat"))).await.expect("response head");
     let mut body = response.into_body();
     let first = body.frame().await.expect("a first chunk").expect("clean");

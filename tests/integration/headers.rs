@@ -13,9 +13,7 @@ async fn hop_by_hop_headers_are_removed_and_forwarding_headers_set() {
         r
     })
     .await;
-    let proxy =
-        TestProxy::start(&format!("{}[[routes]]\nname = \"r\"\nsplit = {{ blue = 100 }}\n", backend("blue", &[&blue])))
-            .await;
+    let proxy = TestProxy::start(&all_to("blue", &[&blue])).await;
     let req = Request::get(proxy.url("/x"))
         .header("host", "agent.example.com")
         .header("connection", "x-private")
@@ -48,9 +46,7 @@ async fn hop_by_hop_headers_are_removed_and_forwarding_headers_set() {
 #[tokio::test]
 async fn a_client_cannot_strip_forwarding_headers_through_connection() {
     let blue = TestServer::named("blue").await;
-    let proxy =
-        TestProxy::start(&format!("{}[[routes]]\nname = \"r\"\nsplit = {{ blue = 100 }}\n", backend("blue", &[&blue])))
-            .await;
+    let proxy = TestProxy::start(&all_to("blue", &[&blue])).await;
     let req = Request::get(proxy.url("/"))
         .header("connection", "x-forwarded-for, x-forwarded-proto, via")
         .body(Default::default())

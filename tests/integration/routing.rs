@@ -186,9 +186,7 @@ async fn an_absolute_form_target_wins_over_the_host_header() {
 #[tokio::test]
 async fn h2c_clients_are_served() {
     let blue = TestServer::named("blue").await;
-    let proxy =
-        TestProxy::start(&format!("{}[[routes]]\nname = \"r\"\nsplit = {{ blue = 100 }}\n", backend("blue", &[&blue])))
-            .await;
+    let proxy = TestProxy::start(&all_to("blue", &[&blue])).await;
     let client = h2c_client();
     for _ in 0..10 {
         let (status, _, body) = fetch(&client, get(&proxy.url("/h2"))).await.expect("answer");
@@ -202,9 +200,7 @@ async fn h2c_clients_are_served() {
 #[tokio::test]
 async fn keep_alive_connections_to_servers_are_reused() {
     let blue = TestServer::named("blue").await;
-    let proxy =
-        TestProxy::start(&format!("{}[[routes]]\nname = \"r\"\nsplit = {{ blue = 100 }}\n", backend("blue", &[&blue])))
-            .await;
+    let proxy = TestProxy::start(&all_to("blue", &[&blue])).await;
     let client = client();
     for _ in 0..50 {
         assert_eq!(fetch(&client, get(&proxy.url("/"))).await.expect("answer").2, "blue");
@@ -219,9 +215,7 @@ async fn keep_alive_connections_to_servers_are_reused() {
 #[tokio::test]
 async fn servers_that_close_every_connection_lose_no_request() {
     let blue = TestServer::closing("blue", |_req| async { http::Response::new(text("blue")) }).await;
-    let proxy =
-        TestProxy::start(&format!("{}[[routes]]\nname = \"r\"\nsplit = {{ blue = 100 }}\n", backend("blue", &[&blue])))
-            .await;
+    let proxy = TestProxy::start(&all_to("blue", &[&blue])).await;
     let client = client();
     let mut failures = 0;
     for _ in 0..200 {
@@ -296,9 +290,7 @@ async fn pooled_connections_idle_past_the_limit_are_not_reused() {
 async fn an_http1_request_arriving_a_byte_at_first_is_served() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let blue = TestServer::named("blue").await;
-    let proxy =
-        TestProxy::start(&format!("{}[[routes]]\nname = \"r\"\nsplit = {{ blue = 100 }}\n", backend("blue", &[&blue])))
-            .await;
+    let proxy = TestProxy::start(&all_to("blue", &[&blue])).await;
     let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
     stream.set_nodelay(true).expect("nodelay");
     stream.write_all(b"P").await.expect("write");

@@ -225,6 +225,11 @@ pub fn backend(name: &str, servers: &[&TestServer]) -> String {
 
 pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
+/// A config with one route, `r`, that sends everything to one backend of `servers`.
+pub fn all_to(name: &str, servers: &[&TestServer]) -> String {
+    format!("{}[[routes]]\nname = \"r\"\nsplit = {{ {name} = 100 }}\n", backend(name, servers))
+}
+
 /// An HTTP/1.1 client with a keep-alive pool.
 pub fn client() -> HttpClient {
     Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build_http()
