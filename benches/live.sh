@@ -27,7 +27,7 @@ QUICK=0
 for arg in "$@"; do
     case "$arg" in
         --quick) QUICK=1 ;;
-        -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "live.sh: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -36,10 +36,14 @@ if ((QUICK)); then
     PHASE=${PHASE:-0.5}
 fi
 PAIRS=${PAIRS:-20}
+((PAIRS >= 2 && PAIRS % 2 == 0)) || { echo "live.sh: PAIRS must be even and at least 2" >&2; exit 2; }
 PHASE=${PHASE:-1}
 GAP=${GAP:-0.2}
 CONNS=${CONNS:-50}
 MODES=${MODES:-new kept}
+for mode in $MODES; do
+    [[ $mode == new || $mode == kept ]] || { echo "live.sh: unknown mode $mode in MODES (new, kept)" >&2; exit 2; }
+done
 WRK_THREADS=1
 PROXY_CPU=${PROXY_CPU:-0}
 WRK_CPU=${WRK_CPU:-1}
@@ -72,13 +76,15 @@ for mode in $MODES; do
     log "$mode, no other traffic: the proxy's CPU per change (all, control thread) in µs: ${IDLE[$mode]}"
     out="$TMP/wrk-$mode.txt"
     # wrk outlasts the controller; one unmeasured second first fills the connection pools.
-    run_wrk "$out" "$CONNS" "$((span + 2))" "http://127.0.0.1:$SY_PORT/2b" &
+    # (taskset execs wrk, so the PID is wrk's own, and cleanup stops it if the run fails.)
+    taskset -c "$WRK_CPU" wrk -t 1 -c "$CONNS" -d "$((span + 2))s" "http://127.0.0.1:$SY_PORT/2b" >"$out" 2>&1 &
     wrk_pid=$!
+    PIDS+=("$wrk_pid")
     sleep 1
     row=$(taskset -c "$CONTROL_CPU" python3 "$TEMPLATES/live_control.py" "$TMP/switchyard.sock" \
         "http://127.0.0.1:$ORIGIN_PORT/status" "$SY_PID" "$(pids_of "$ORIGIN_PID" | tr ' ' ,)" "$PAIRS" "$PHASE" "$GAP" "$mode" "$TMP/phases-$mode.json") ||
         die "the controller failed ($mode)"
-    wait "$wrk_pid" || die "wrk failed ($mode)"
+    wait "$wrk_pid" || { cat "$out" >&2; die "wrk failed ($mode)"; }
     kill -0 "$SY_PID" 2>/dev/null || die "switchyard died ($mode)"
     errs=$(wrk_errors "$out")
     [[ -z $errs ]] || die "failed requests while the split changed ($mode): $errs"

@@ -53,23 +53,33 @@ def cpu_ns(pids):
 
 
 class Admin:
-    def __init__(self, path, kept):
-        self.path, self.kept, self.conn = path, kept, None
+    """Sends the changes, alternating two splits so that each one is a real change."""
 
-    def send(self, line):
+    def __init__(self, path, kept):
+        self.path, self.kept, self.conn, self.sent = path, kept, None, 0
+
+    def change(self):
         if self.conn is None:
             sock = socket.socket(socket.AF_UNIX)
             sock.connect(self.path)
             self.conn = (sock, sock.makefile("rb"))
         sock, reader = self.conn
-        sock.sendall(line)
+        sock.sendall(SPLITS[self.sent % 2])
+        self.sent += 1
         answer = reader.readline()
         if not self.kept:
+            self.close()
+        if b'"ok":true' not in answer or b'"unchanged"' in answer:
+            sys.exit(f"live_control: set-weights not carried out: {answer!r}")
+
+    def close(self):
+        """Closes the connection; the next change opens one. A kept connection is closed
+        after each busy phase: the socket cuts clients silent for 10 s."""
+        if self.conn is not None:
+            sock, reader = self.conn
             reader.close()
             sock.close()
             self.conn = None
-        if b'"ok":true' not in answer:
-            sys.exit(f"live_control: set-weights refused: {answer!r}")
 
 
 def phase(busy, seconds, admin, url, pid, origin):
@@ -81,13 +91,14 @@ def phase(busy, seconds, admin, url, pid, origin):
         if now >= end:
             break
         if busy and now >= tick:
-            admin.send(SPLITS[changes % 2])
+            admin.change()
             changes += 1
             tick += INTERVAL
         time.sleep(max(0.0, min(end, tick if busy else end) - time.monotonic()))
     t1 = time.monotonic()
+    admin.close()
     (c1, k1), (o1, _), r1 = cpu_ns([pid]), cpu_ns(origin), origin_requests(url)
-    # minus one: the status request that opened the phase is counted in r1
+    # minus one: the status request that closed the phase counted itself
     return {"busy": busy, "seconds": t1 - t0, "requests": r1 - r0 - 1, "cpu_ns": c1 - c0, "origin_ns": o1 - o0,
             "control_ns": k1 - k0, "changes": changes}
 
@@ -97,7 +108,7 @@ def idle(path, pid, seconds, mode):
     admin = Admin(path, mode == "kept")
     (c0, k0), t0, changes = cpu_ns([pid]), time.monotonic(), 0
     while time.monotonic() < t0 + seconds:
-        admin.send(SPLITS[changes % 2])
+        admin.change()
         changes += 1
         time.sleep(max(0.0, t0 + changes * INTERVAL - time.monotonic()))
     c1, k1 = cpu_ns([pid])
@@ -105,12 +116,18 @@ def idle(path, pid, seconds, mode):
 
 
 def main():
-    if sys.argv[1] == "idle":
-        path, pid, seconds, mode = sys.argv[2:6]
+    idle_run = sys.argv[1] == "idle"
+    mode = sys.argv[5] if idle_run else sys.argv[8]
+    if mode not in ("new", "kept"):
+        sys.exit(f"live_control: unknown mode {mode!r}: new or kept")
+    if idle_run:
+        path, pid, seconds = sys.argv[2:5]
         return idle(path, pid, float(seconds), mode)
     path, url, pid, origin, pairs, seconds, gap, mode, out = sys.argv[1:10]
     origin = origin.split(",")
     pairs, seconds, gap = int(pairs), float(seconds), float(gap)
+    if pairs < 2 or pairs % 2:
+        sys.exit("live_control: PAIRS must be even and at least 2 (ABBA: drift cancels over two pairs)")
     admin = Admin(path, mode == "kept")
     phases = []
     for p in range(pairs):
@@ -129,14 +146,16 @@ def main():
 
 def spread(values):
     """Median and quartiles of busy/quiet ratios, as percentages of change."""
-    v = sorted(values)
+    low, median, high = statistics.quantiles(values, n=4, method="inclusive")
     pct = lambda r: f"{(r - 1) * 100:+.1f} %"
-    return f"{pct(statistics.median(v))} ({pct(v[len(v) // 4])} to {pct(v[(3 * len(v)) // 4])})"
+    return f"{pct(median)} ({pct(low)} to {pct(high)})"
 
 
 def summary(mode, phases):
     """One markdown row: totals per kind of phase, then the median and quartiles of each
     pair's busy/quiet ratio."""
+    if any(p["requests"] <= 0 or p["origin_ns"] <= 0 for p in phases):
+        sys.exit("live_control: a phase saw no request or no origin CPU time; did wrk stop?")
     kinds = {busy: [p for p in phases if p["busy"] == busy] for busy in (False, True)}
     total = lambda busy, key: sum(p[key] for p in kinds[busy])
     rate = lambda p: p["requests"] / p["seconds"]

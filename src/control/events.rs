@@ -167,8 +167,13 @@ impl EventLog {
         let on_disk = std::fs::metadata(&self.path).ok();
         let mut held = self.file.take().filter(|(_, id)| on_disk.as_ref().is_some_and(|m| (m.dev(), m.ino()) == *id));
         if on_disk.is_some_and(|m| m.len() >= ROTATE_AT) {
-            held = None;
-            std::fs::rename(&self.path, self.path.with_extension("jsonl.1"))?;
+            match std::fs::rename(&self.path, self.path.with_extension("jsonl.1")) {
+                Ok(()) => held = None,
+                // Growing past the size beats losing events; the next event tries again.
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), error = %e, "cannot rotate the event log; appending to it")
+                }
+            }
         }
         let (file, id) = match held {
             Some(held) => held,
@@ -215,7 +220,7 @@ mod tests {
     }
 
     #[test]
-    fn the_held_file_rotates_mid_run_and_is_reopened_when_removed() {
+    fn the_held_file_rotates_mid_run_and_is_reopened_when_replaced_or_removed() {
         let dir = std::env::temp_dir().join(format!("switchyard-events-held-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
@@ -232,11 +237,35 @@ mod tests {
         log.record(Event::new(&Actor::Config, "reload", 3));
         assert_eq!(generations(&dir.join("events.jsonl.1")), [1]);
         assert_eq!(generations(&log_file), [2, 3]);
+        // Renamed away and replaced, as logrotate's `create` does: the next event goes to
+        // the new file.
+        std::fs::rename(&log_file, dir.join("rotated")).expect("rename");
+        std::fs::write(&log_file, b"").expect("create");
+        log.record(Event::new(&Actor::Config, "reload", 4));
+        assert_eq!(generations(&dir.join("rotated")), [2, 3]);
+        assert_eq!(generations(&log_file), [4]);
         // Removed while held open (by hand, or the whole directory): the next event is
         // not written into the deleted file.
         std::fs::remove_dir_all(&dir).expect("remove");
-        log.record(Event::new(&Actor::Config, "reload", 4));
-        assert_eq!(generations(&log_file), [4]);
+        log.record(Event::new(&Actor::Config, "reload", 5));
+        assert_eq!(generations(&log_file), [5]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_log_that_cannot_rotate_keeps_growing_rather_than_lose_events() {
+        let dir = std::env::temp_dir().join(format!("switchyard-events-stuck-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // A directory where the rotated file would go: the rename fails.
+        std::fs::create_dir_all(dir.join("events.jsonl.1")).expect("dir");
+        std::fs::write(dir.join("events.jsonl"), vec![b'\n'; ROTATE_AT as usize]).expect("write");
+        let mut log = EventLog::open(&dir);
+        log.record(Event::new(&Actor::Config, "reload", 7));
+        log.record(Event::new(&Actor::Config, "reload", 8));
+        let text = std::fs::read_to_string(dir.join("events.jsonl")).expect("read");
+        let kept: Vec<u64> =
+            text.lines().filter_map(|l| serde_json::from_str::<Event>(l).ok()).map(|e| e.generation).collect();
+        assert_eq!(kept, [7, 8]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -126,9 +126,10 @@ pub struct ClientIo {
     wait: Wait,
     /// `started` as last seen: a change means hyper parsed a head since.
     seen_started: u64,
-    /// Only HTTP/1 clients get the header-read timeout and its 408. On HTTP/2 frames flow
-    /// all the time, and a 408 would corrupt the stream; while the first bytes could still
-    /// be HTTP/2's preface, only the idle timeout applies.
+    /// HTTP/2 clients never get the header-read timeout nor its 408: frames flow all the
+    /// time, and a 408 would corrupt the stream. A client whose bytes so far could still be
+    /// HTTP/2's preface is timed as an HTTP/1 head: if it stalls mid-preface, nothing of
+    /// HTTP/2 has been exchanged yet, and "P" may as well be a POST.
     speaks: Speaks,
 }
 
@@ -202,8 +203,16 @@ impl AsyncRead for ClientIo {
         match result {
             Poll::Ready(Ok(())) => {
                 let got = &buf.filled()[before..];
-                this.speaks = this.speaks.after(got);
-                if !got.is_empty() && !busy && this.speaks == Speaks::Http1 && this.wait != Wait::Head {
+                let was = this.speaks;
+                this.speaks = was.after(got);
+                if this.speaks == Speaks::Http2 {
+                    // Its preface is complete: HTTP/2 is never timed as a slow head.
+                    if was != Speaks::Http2 && this.wait == Wait::Head {
+                        this.arm(Wait::Idle);
+                    }
+                } else if !got.is_empty() && !busy && this.wait != Wait::Head {
+                    // HTTP/1, or the first bytes of a preface yet: the head's clock starts
+                    // at its first byte ("P" may be POST as well as HTTP/2's "PRI").
                     this.arm(Wait::Head);
                 }
                 Poll::Ready(Ok(()))
@@ -215,7 +224,7 @@ impl AsyncRead for ClientIo {
                     this.arm(Wait::Idle);
                 }
                 ready!(this.poll_due(cx));
-                if this.wait == Wait::Head {
+                if this.wait == Wait::Head && this.speaks != Speaks::Http2 {
                     tracing::info!(status = 408, after = ?this.timeouts.header_read, "request refused: client too slow sending a request head");
                     this.send_408();
                 }

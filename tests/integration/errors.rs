@@ -39,6 +39,10 @@ async fn a_client_too_slow_with_its_head_gets_408_and_an_idle_one_is_closed_quie
     assert!(answer.contains("no complete request head within 300ms"), "{answer}");
     assert!(started.elapsed() < Duration::from_secs(5));
 
+    // "P" could begin HTTP/2's preface as well as a POST: timed as a head all the same.
+    let answer = raw_exchange(proxy.addr, b"P").await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
     let idle = raw_exchange(proxy.addr, b"").await;
     assert_eq!(idle, "", "an idle connection is closed without a response");
 
