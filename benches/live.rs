@@ -3,7 +3,7 @@
 //! under 10 ms, median over 100 rollbacks).
 //!
 //! `cargo bench --bench live`. What a `set-weights` every 10 ms costs the hot path is
-//! measured by `benches/live.sh`, with the proxy on a core of its own as in `load.sh`.
+//! measured by `benches/live.sh`, with the proxy on a core shared only with its origin.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
