@@ -32,8 +32,9 @@ pub fn watch(config: &Path, handle: Handle) -> notify::Result<notify::Recommende
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
     tokio::spawn(async move {
         while rx.recv().await.is_some() {
-            // Quiet period: keep absorbing events until none came for DEBOUNCE.
-            while tokio::time::timeout(DEBOUNCE, rx.recv()).await.is_ok_and(|e| e.is_some()) {}
+            if !quiet_after(&mut rx).await {
+                return;
+            }
             let answer = handle.send(Command::Reload, Actor::Config).await;
             if answer.get("error").is_some_and(|e| e == "switchyard is shutting down") {
                 return;
@@ -41,4 +42,35 @@ pub fn watch(config: &Path, handle: Handle) -> notify::Result<notify::Recommende
         }
     });
     Ok(watcher)
+}
+
+/// Absorbs the rest of a burst of events: true once none has come for [`DEBOUNCE`], false
+/// if the watch ended meanwhile. It ends when switchyard stops and drops its watcher, and
+/// a reload then would read a config that may be on its way out (the demo removes its
+/// directory as it ends): no reload, no event, no state directory made anew.
+async fn quiet_after(rx: &mut mpsc::Receiver<()>) -> bool {
+    loop {
+        match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
+            Ok(Some(())) => continue,
+            Ok(None) => return false,
+            Err(_quiet) => return true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_burst_ends_in_a_reload_unless_the_watch_ends_first() {
+        let (tx, mut rx) = mpsc::channel(1);
+        tx.send(()).await.expect("send");
+        assert!(quiet_after(&mut rx).await, "one event, then quiet: reload");
+
+        // Events, then the watcher dropped (switchyard stopping) within the quiet period.
+        tx.send(()).await.expect("send");
+        drop(tx);
+        assert!(!quiet_after(&mut rx).await, "the watch ended: no reload");
+    }
 }
