@@ -300,4 +300,37 @@ mod tests {
         assert_eq!(speaks(&[H2_PREFACE, b"GET / HTTP/1.1\r\n"]), Speaks::Http2);
         assert_eq!(speaks(&[b""]), Speaks::Undecided(0));
     }
+
+    /// A client's socket as a `ClientIo`, with the other end to write to.
+    async fn pair() -> (ClientIo, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let timeouts = Timeouts { idle: Duration::from_secs(30), header_read: Duration::from_secs(10) };
+        (ClientIo::new(server, Arc::default(), timeouts), client)
+    }
+
+    #[tokio::test]
+    async fn a_preface_read_in_pieces_ends_timed_as_idle_and_a_head_as_a_head() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut io, mut client) = pair().await;
+        let mut buf = [0u8; 64];
+        client.write_all(b"PRI *").await.expect("write");
+        assert_eq!(io.read(&mut buf).await.expect("read"), 5);
+        // Could be a POST's first byte as well: timed as a head so far.
+        assert_eq!((io.speaks, io.wait), (Speaks::Undecided(5), Wait::Head));
+        client.write_all(&H2_PREFACE[5..]).await.expect("write");
+        let mut got = 5;
+        while got < H2_PREFACE.len() {
+            got += io.read(&mut buf).await.expect("read");
+        }
+        assert_eq!((io.speaks, io.wait), (Speaks::Http2, Wait::Idle));
+
+        let (mut io, mut client) = pair().await;
+        client.write_all(b"P").await.expect("write");
+        assert_eq!(io.read(&mut buf).await.expect("read"), 1);
+        client.write_all(b"OST / HTTP/1.1\r\n").await.expect("write");
+        assert!(io.read(&mut buf).await.expect("read") > 0);
+        assert_eq!((io.speaks, io.wait), (Speaks::Http1, Wait::Head));
+    }
 }
