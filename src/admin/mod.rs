@@ -175,7 +175,11 @@ pub fn parse_request(line: &str) -> Result<(Command, Option<Duration>), String> 
                     "--wait" => wait = true,
                     "--deadline" => {
                         let d = rest.next().ok_or("--deadline needs a duration, e.g. 30s")?;
-                        deadline = Some(humantime::parse_duration(d).map_err(|e| format!("--deadline {d:?}: {e}"))?);
+                        let d = humantime::parse_duration(d).map_err(|e| format!("--deadline {d:?}: {e}"))?;
+                        if d > crate::config::MAX_DURATION {
+                            return Err(format!("--deadline {}: longer than a year", humantime::format_duration(d)));
+                        }
+                        deadline = Some(d);
                     }
                     t if target.is_none() && !t.starts_with("--") => target = Some(t.to_string()),
                     other => return Err(format!("unexpected {other:?}; {USAGE}")),
@@ -305,5 +309,12 @@ mod tests {
         assert!(parse("rollback").expect_err("refused").contains("needs a ROUTE"));
         assert!(parse("events many").expect_err("refused").contains("takes a count"));
         assert!(parse("").expect_err("refused").contains("empty request"));
+        // A deadline so long that adding the wait's slack would overflow: refused, not a panic.
+        for line in
+            ["drain blue --deadline 18446744073709551615s", "drain blue --deadline 18446744073709551615s --wait"]
+        {
+            assert!(parse_request(line).expect_err("refused").contains("longer than a year"), "{line}");
+        }
+        assert!(parse_request("drain blue --deadline 364days --wait").is_ok());
     }
 }

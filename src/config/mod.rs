@@ -15,6 +15,7 @@ use std::time::Duration;
 use http::HeaderName;
 
 pub use validate::Warning;
+pub(crate) use validate::MAX_DURATION;
 
 /// Basis points: hundredths of a percent, 0..=10_000. A 0.05 % canary is 5.
 pub type BasisPoints = u32;

@@ -18,7 +18,7 @@ use super::*;
 pub type Warning = ConfigError;
 
 /// The longest duration any key accepts.
-const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 const NAME_RULE: &str = "use letters, digits, '-', '_' and '.' only";
 
