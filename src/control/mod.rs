@@ -834,18 +834,17 @@ impl Control {
             self.last_reload_error = None;
             return json!({ "ok": true, "generation": self.generation, "changes": [] });
         }
+        // The one step that can still fail comes first, before anything (rollouts, their
+        // figures, the event log) has seen the new config.
+        if let Err(e) = self.listeners.as_mut().map_or(Ok(()), |l| l.update(&new.listen)) {
+            return self.refuse_reload(actor, format!("{}: {e}", path.display()));
+        }
         let changes = diff(&self.base, &new);
         let old_splits: BTreeMap<String, Shares> =
             self.base.routes.iter().filter_map(|r| Some((r.name.clone(), self.split_of(&r.name)?))).collect();
-        let (old_base, old_state) = (std::mem::replace(&mut self.base, new), self.state.clone());
+        self.base = new;
         self.reconcile();
         self.reconcile_rollouts(actor);
-        let listen = self.effective().listen;
-        if let Err(e) = self.listeners.as_mut().map_or(Ok(()), |l| l.update(&listen)) {
-            self.base = old_base;
-            self.state = old_state;
-            return self.refuse_reload(actor, format!("{}: {e}", path.display()));
-        }
         // A route whose split the reload changed can be rolled back to the split before.
         for (name, old) in old_splits {
             if self.split_of(&name).is_some_and(|now| now != old) {

@@ -132,6 +132,34 @@ async fn an_invalid_config_is_refused_and_the_old_split_keeps_serving() {
 }
 
 #[tokio::test]
+async fn a_refused_config_beside_switchyard_s_own_files_is_refused_once() {
+    // The config in the state directory: every refusal appends an event beside it, which
+    // must not count as a change of the config and set off the next refusal.
+    let blue = TestServer::named("blue").await;
+    let dir = TempDir::new();
+    let path = dir.path("state").join("switchyard.toml");
+    std::fs::create_dir_all(dir.path("state")).expect("state dir");
+    let proxy = TestProxy::start_in(dir, &all_to("blue", &[&blue]), Some(path.clone())).await;
+    let refused = |status: &serde_json::Value| status["reloads"]["refused"].as_u64().expect("a count");
+
+    let broken = std::fs::read_to_string(&path).expect("read").replace("blue = 100", "blue = 90");
+    write_config(&path, &broken, true);
+    let mut status = admin(&proxy, "status").await;
+    for _ in 0..500 {
+        if refused(&status) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        status = admin(&proxy, "status").await;
+    }
+    assert_eq!(refused(&status), 1, "{status}");
+    // Several quiet periods of the watch (150 ms each) later, still the one refusal.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(refused(&admin(&proxy, "status").await), 1);
+    assert_eq!(probe(&proxy).await, "blue");
+}
+
+#[tokio::test]
 async fn live_splits_survive_a_restart() {
     let blue = TestServer::named("blue").await;
     let green = TestServer::named("green").await;
