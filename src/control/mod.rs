@@ -371,6 +371,7 @@ impl Control {
             entry.rollout = Some(rollout::Progress::new(identity.clone()));
             // The new version is judged by its own figures only.
             self.servers.reset_stats(&spec.canary);
+            self.undrain_for_rollout(name, &spec.canary, actor, "a new rollout starts on it");
             tracing::info!(route = %name, canary = %identity, "rollout starts: Pending until the canary is healthy");
             self.events.record(
                 Event::new(actor, "rollout-start", self.generation)
@@ -423,12 +424,50 @@ impl Control {
         Ok(servers)
     }
 
+    /// For a server (host:port), a backend of it that is drained as a whole.
+    fn drained_with_its_backend(&self, target: &str) -> Option<String> {
+        let table = self.table.current();
+        if table.backend_index(target).is_some() {
+            return None;
+        }
+        let holding = table
+            .backends
+            .iter()
+            .find(|b| self.state.drained.contains(&*b.name) && b.servers.iter().any(|s| &*s.label == target))?;
+        Some(holding.name.to_string())
+    }
+
+    /// Returns a whole backend to rotation because a rollout sends it traffic: the stable
+    /// side on a rollback (a blue-green cleanup drained it), the canary of a new rollout
+    /// (it may be the side the last blue-green rollout drained). Recorded as an undrain.
+    fn undrain_for_rollout(&mut self, route: &str, backend: &str, actor: &Actor, why: &str) {
+        if !self.state.drained.remove(backend) {
+            return;
+        }
+        self.deadlines.remove(backend);
+        self.apply_drains();
+        tracing::info!(%route, %backend, why, "backend back in rotation");
+        self.events.record(
+            Event::new(actor, "undrain", self.generation)
+                .route(route)
+                .change(json!(true), json!(false))
+                .reason(format!("{backend}: {why}")),
+        );
+    }
+
     /// Drains `target` (`Some(deadline)`) or returns it to rotation (`None`).
     fn drain(&mut self, target: &str, drain: Option<Option<Duration>>, actor: &Actor) -> Value {
         let servers = match self.drain_servers(target) {
             Ok(s) => s,
             Err(e) => return failure(&e),
         };
+        if drain.is_none() {
+            if let Some(backend) = self.drained_with_its_backend(target) {
+                return failure(&format!(
+                    "{target} would stay out of rotation: its backend {backend:?} is drained as a whole; undrain {backend} first"
+                ));
+            }
+        }
         let changed = match drain {
             Some(_) => self.state.drained.insert(target.to_string()),
             None => self.state.drained.remove(target),
@@ -560,6 +599,9 @@ impl Control {
         let Some(progress) = self.state.routes.get(route).and_then(|r| r.rollout.clone()) else {
             return self.generation;
         };
+        if matches!(change, Change::RolledBack { .. }) {
+            self.undrain_for_rollout(route, &spec.stable, actor, "a rollback sends the route's traffic back to it");
+        }
         if matches!(change, Change::Resumed) && progress.phase == Phase::Pending {
             // A deliberate retry: the canary's old figures would roll it back again.
             self.servers.reset_stats(&spec.canary);

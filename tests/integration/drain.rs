@@ -84,6 +84,18 @@ async fn drains_survive_a_restart_and_unknown_targets_are_refused() {
     for _ in 0..50 {
         assert_eq!(fetch(&client, get(&again.url("/"))).await.expect("answer").2, "b");
     }
+
+    // With the whole backend drained, undraining one of its servers would return nothing
+    // to rotation: refused, naming the backend, rather than a misleading "ok".
+    assert_eq!(admin(&again, "drain pool").await["ok"], true);
+    let refused = admin(&again, &format!("undrain {}", b.addr)).await;
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert!(
+        refused["error"].as_str().is_some_and(|e| e.contains("backend \"pool\" is drained as a whole")),
+        "{refused}"
+    );
+    assert_eq!(admin(&again, "undrain pool").await["ok"], true);
+    assert_eq!(fetch(&client, get(&again.url("/"))).await.expect("answer").2, "b");
 }
 
 /// `a` holds every request for 30 s; `b` answers at once. Both in one backend.

@@ -289,6 +289,45 @@ async fn blue_green_switches_after_warm_up_and_rolls_back_during_cleanup() {
     assert_eq!(probe(&proxy).await, "blue", "the old side was kept ready");
 }
 
+#[tokio::test]
+async fn after_a_blue_green_cleanup_rollback_and_the_next_rollout_bring_the_old_side_back() {
+    let blue = TestServer::named("blue").await;
+    let green = TestServer::named("green").await;
+    let rollout = "strategy = \"blue-green\"\ncleanup = \"200ms\"\nanalysis = { window = \"1s\", min_requests = 0 }\n";
+    let config = rollout_config(&backend("blue", &[&blue]), &backend("green", &[&green]), rollout);
+    let dir = TempDir::new();
+    let path = dir.path("switchyard.toml");
+    let proxy = TestProxy::start_in(TempDir::new(), &config, Some(path.clone())).await;
+    let complete = until_state(&proxy, "Complete", Duration::from_secs(10)).await;
+    assert_eq!(complete["state"], "Complete", "{complete}");
+    assert_eq!(probe(&proxy).await, "green");
+
+    // Cleanup drained blue. A rollback sends the traffic back to it, so it must return.
+    let rolled = admin(&proxy, "rollback agent found a bug after cleanup").await;
+    assert_eq!(rolled["state"], "RolledBack", "{rolled}");
+    assert_eq!(probe(&proxy).await, "blue", "the old side is back in rotation");
+    assert!(
+        events(&proxy)
+            .await
+            .iter()
+            .any(|e| e["action"] == "undrain" && e["reason"].as_str().is_some_and(|r| r.starts_with("blue:"))),
+        "the undrain is recorded"
+    );
+
+    // Blue-green again with blue as the new side, drained as a cleanup would have left
+    // it (here by hand): the new rollout's canary is returned to rotation.
+    assert_eq!(admin(&proxy, "drain blue").await["ok"], true);
+    let swapped = std::fs::read_to_string(&path)
+        .expect("read")
+        .replace("stable = \"blue\"\ncanary = \"green\"", "stable = \"green\"\ncanary = \"blue\"");
+    std::fs::write(&path, swapped).expect("write");
+    let reloaded = admin(&proxy, "reload").await;
+    assert_eq!(reloaded["ok"], true, "{reloaded}");
+    let complete = until_state(&proxy, "Complete", Duration::from_secs(10)).await;
+    assert_eq!(complete["state"], "Complete", "blue was returned to rotation and took over: {complete}");
+    assert_eq!(probe(&proxy).await, "blue");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promote_and_rollback_under_load_fail_nothing_and_sticky_cohorts_only_grow() {
     let blue = TestServer::named("blue").await;
