@@ -215,7 +215,7 @@ impl Control {
             rollbacks: BTreeMap::new(),
         };
         control.reconcile();
-        control.reconcile_rollouts(&Actor::Switchyard);
+        control.reconcile_rollouts(&Actor::Switchyard, &BTreeMap::new());
         control.drop_invalid_state();
         let restored: Vec<String> =
             control.state.routes.iter().filter(|(_, r)| r.split.is_some()).map(|(n, _)| n.clone()).collect();
@@ -353,7 +353,9 @@ impl Control {
     /// Starts a rollout for every rollout route whose canary identity is new (and forgets
     /// those of routes that no longer have one). A known identity keeps its progress: a
     /// rolled-back canary is not retried by a restart or an unrelated reload.
-    fn reconcile_rollouts(&mut self, actor: &Actor) {
+    /// Starts a rollout for every new canary identity; keeps the progress of known ones.
+    /// `before` has the routes' splits before a reload, for a step list the reload cut.
+    fn reconcile_rollouts(&mut self, actor: &Actor, before: &BTreeMap<String, Shares>) {
         let specs: Vec<(String, RolloutSpec)> =
             self.base.routes.iter().filter_map(|r| Some((r.name.clone(), r.rollout.clone()?))).collect();
         let with_rollout: Vec<&String> = specs.iter().map(|(n, _)| n).collect();
@@ -365,7 +367,17 @@ impl Control {
         for (name, spec) in &specs {
             let identity = rollout::identity(&self.base, spec);
             let entry = self.state.routes.entry(name.clone()).or_default();
-            if entry.rollout.as_ref().is_some_and(|p| p.identity == identity) {
+            if let Some(progress) = entry.rollout.as_mut().filter(|p| p.identity == identity) {
+                let weight = before.get(name).map(|split| weight_of(split, &spec.canary));
+                if progress.fit_steps(spec, weight) {
+                    let step = progress.step;
+                    tracing::warn!(route = %name, step = step + 1, "the rollout's steps were cut below its step; it goes on from the step that does not raise the canary's weight");
+                    self.events.record(Event::new(actor, "rollout-step", self.generation).route(name).reason(format!(
+                        "the steps were changed: now at step {} of {}",
+                        step + 1,
+                        spec.steps.len()
+                    )));
+                }
                 continue;
             }
             entry.rollout = Some(rollout::Progress::new(identity.clone()));
@@ -886,7 +898,7 @@ impl Control {
             self.base.routes.iter().filter_map(|r| Some((r.name.clone(), self.split_of(&r.name)?))).collect();
         self.base = new;
         self.reconcile();
-        self.reconcile_rollouts(actor);
+        self.reconcile_rollouts(actor, &old_splits);
         // A route whose split the reload changed can be rolled back to the split before.
         for (name, old) in old_splits {
             if self.split_of(&name).is_some_and(|now| now != old) {

@@ -128,6 +128,21 @@ impl Progress {
         }
     }
 
+    /// Brings the step back within `spec`'s steps after a reload shortened the list (or a
+    /// restart found a shorter one), which would otherwise read as 100 %: to the highest
+    /// step whose weight is not above `weight`, the canary's share before, or to the first
+    /// step when that is not known. The hold starts again. True if the step moved.
+    pub fn fit_steps(&mut self, spec: &RolloutSpec, weight: Option<BasisPoints>) -> bool {
+        let running = matches!(self.phase, Phase::Progressing | Phase::Paused);
+        if !running || spec.strategy != Strategy::Canary || self.step < spec.steps.len() {
+            return false;
+        }
+        let at_most = weight.unwrap_or(0);
+        self.step = spec.steps.iter().rposition(|s| s.weight <= at_most).unwrap_or(0);
+        self.held_ms = 0;
+        true
+    }
+
     /// The canary's share of the route now.
     pub fn canary_weight(&self, spec: &RolloutSpec) -> BasisPoints {
         match self.phase {
@@ -376,6 +391,31 @@ mod tests {
     }
 
     const SECOND: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_step_list_cut_below_the_step_never_raises_the_canary() {
+        let mut cut = spec(Strategy::Canary);
+        cut.steps = vec![Step { weight: 1000, hold: Some(SECOND) }, Step { weight: ALL, hold: None }];
+        let at = |step, phase| Progress { step, phase, held_ms: 700, ..Progress::new("green".into()) };
+
+        // At 50 % on step 3 of 4, cut to [10 %, 100 %]: back to 10 %, not on to 100 %.
+        let mut p = at(2, Phase::Progressing);
+        assert_eq!(p.canary_weight(&cut), ALL, "unfitted, the missing step reads as 100 %");
+        assert!(p.fit_steps(&cut, Some(5000)));
+        assert_eq!((p.step, p.held_ms, p.canary_weight(&cut)), (0, 0, 1000));
+        // A restart, where the weight before is not known: the first step.
+        let mut p = at(5, Phase::Paused);
+        assert!(p.fit_steps(&cut, None));
+        assert_eq!(p.step, 0);
+        // A step still in the list, or a rollout not under way, is left alone.
+        for mut p in
+            [at(1, Phase::Progressing), at(3, Phase::Complete), at(3, Phase::RolledBack), at(3, Phase::Pending)]
+        {
+            let before = (p.step, p.held_ms);
+            assert!(!p.fit_steps(&cut, Some(5000)));
+            assert_eq!((p.step, p.held_ms), before);
+        }
+    }
 
     #[test]
     fn a_healthy_canary_walks_every_step_to_complete() {

@@ -328,6 +328,34 @@ async fn after_a_blue_green_cleanup_rollback_and_the_next_rollout_bring_the_old_
     assert_eq!(probe(&proxy).await, "blue");
 }
 
+#[tokio::test]
+async fn a_reload_that_cuts_the_steps_below_the_current_one_does_not_jump_to_100() {
+    let blue = TestServer::named("blue").await;
+    let green = TestServer::named("green").await;
+    let steps = "steps = [ { weight = 10, hold = \"1h\" }, { weight = 20, hold = \"1h\" }, \
+                 { weight = 50, hold = \"1h\" }, { weight = 100 } ]\n";
+    let rollout = format!("{steps}analysis = {{ window = \"1s\", min_requests = 0 }}\n");
+    let config = rollout_config(&backend("blue", &[&blue]), &backend("green", &[&green]), &rollout);
+    let dir = TempDir::new();
+    let path = dir.path("switchyard.toml");
+    let proxy = TestProxy::start_in(TempDir::new(), &config, Some(path.clone())).await;
+    assert_eq!(until_state(&proxy, "Progressing", Duration::from_secs(10)).await["canary_weight"], 10.0);
+    admin(&proxy, "promote agent").await;
+    assert_eq!(admin(&proxy, "promote agent").await["canary_weight"], 50.0);
+
+    let cut = std::fs::read_to_string(&path)
+        .expect("read")
+        .replace(steps, "steps = [ { weight = 10, hold = \"1h\" }, { weight = 100 } ]\n");
+    std::fs::write(&path, cut).expect("write");
+    assert_eq!(admin(&proxy, "reload").await["ok"], true);
+    let after = rollout_of(&proxy).await;
+    assert_eq!(
+        (after["state"].as_str(), after["canary_weight"].as_f64()),
+        (Some("Progressing"), Some(10.0)),
+        "{after}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promote_and_rollback_under_load_fail_nothing_and_sticky_cohorts_only_grow() {
     let blue = TestServer::named("blue").await;
