@@ -69,6 +69,9 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
     let connections = TaskTracker::new();
     let ready = Arc::new(AtomicBool::new(false));
     let admin_listener = admin::bind(&config.admin.socket, config.admin.socket_mode)?;
+    // A start that fails from here on removes the socket file it made: a stale one would
+    // make `ctl` say "connection refused" rather than "no such file".
+    let socket_file = RemoveOnFailure(Some(config.admin.socket.clone()));
 
     let Some(addr) = config.listen.http else { return Err(StartError::NoListener) };
     let listener = proxy::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
@@ -117,6 +120,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
     tracing::info!(addr = ?bound, admin = %admin_socket.display(), %summary, "switchyard is serving");
 
     ready.store(true, Ordering::Relaxed);
+    socket_file.keep();
     Ok(Running {
         http_addr,
         admin_http_addr,
@@ -217,6 +221,23 @@ impl Running {
         // path outlives the admin socket: this handle keeps it).
         self.control.send(control::Command::Flush, control::Actor::Switchyard).await;
         tracing::info!("switchyard stopped");
+    }
+}
+
+/// Removes a file when dropped, unless told to keep it.
+struct RemoveOnFailure(Option<PathBuf>);
+
+impl RemoveOnFailure {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnFailure {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 

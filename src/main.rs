@@ -77,10 +77,24 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("switchyard: {e:#}");
+            eprintln!("switchyard: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes, each said once: switchyard's own messages already name the
+/// error they come from ("cannot listen on …: Address in use"), which `{:#}` would repeat.
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !out.contains(&cause) {
+            out.push_str(": ");
+            out.push_str(&cause);
+        }
+    }
+    out
 }
 
 fn init_logging(format: LogFormat, default: &str) {
@@ -162,6 +176,14 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 }
 
 fn ctl(socket: Option<PathBuf>, config: Option<PathBuf>, json: bool, words: &[String]) -> ExitCode {
+    // `ctl status --json` as well as `ctl --json status`: no verb takes a word "--json".
+    let json = json || words.iter().any(|w| w == "--json");
+    let words: Vec<String> = words.iter().filter(|w| *w != "--json").cloned().collect();
+    let words = &words[..];
+    if words.is_empty() {
+        eprintln!("switchyard ctl: give a verb, e.g. status");
+        return ExitCode::FAILURE;
+    }
     let socket = match (socket, config) {
         (Some(socket), _) => socket,
         // Leniently: ctl is most needed when the config on disk was just refused.
@@ -177,7 +199,7 @@ fn ctl(socket: Option<PathBuf>, config: Option<PathBuf>, json: bool, words: &[St
     let answer = match runtime(1).and_then(|rt| Ok(rt.block_on(switchyard::admin::ctl::request(&socket, words))?)) {
         Ok(answer) => answer,
         Err(e) => {
-            eprintln!("switchyard ctl: {e:#}");
+            eprintln!("switchyard ctl: {}", describe(&e));
             return ExitCode::FAILURE;
         }
     };

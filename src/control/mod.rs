@@ -334,11 +334,18 @@ impl Control {
     /// file's split for the route was edited since the override was made.
     fn reconcile(&mut self) {
         let base = &self.base;
+        let mut ignored = Vec::new();
         self.state.routes.retain(|name, route| {
             let Some(spec) = base.routes.iter().find(|r| &r.name == name) else { return false };
             let edited = route.file_split.as_ref().is_some_and(|f| *f != spec.split);
-            let unknown = route.split.iter().flatten().any(|(b, _)| base.backend(b).is_none());
-            if edited || unknown {
+            let unknown = route.split.iter().flatten().find(|(b, _)| base.backend(b).is_none());
+            if let Some((backend, _)) = unknown {
+                ignored.push((
+                    name.clone(),
+                    format!("split: no backend named {backend:?}; the config file's split applies"),
+                ));
+            }
+            if edited || unknown.is_some() {
                 tracing::info!(route = %name, "the config file's split replaces the live split");
                 route.split = None;
                 route.file_split = None;
@@ -348,13 +355,17 @@ impl Control {
             }
             route.split.is_some() || route.previous.is_some() || route.rollout.is_some()
         });
+        for (route, reason) in ignored {
+            tracing::warn!(%route, %reason, "ignoring a live split");
+            self.events
+                .record(Event::new(&Actor::Switchyard, "state-ignored", self.generation).route(&route).reason(reason));
+        }
     }
 
     /// Starts a rollout for every rollout route whose canary identity is new (and forgets
     /// those of routes that no longer have one). A known identity keeps its progress: a
-    /// rolled-back canary is not retried by a restart or an unrelated reload.
-    /// Starts a rollout for every new canary identity; keeps the progress of known ones.
-    /// `before` has the routes' splits before a reload, for a step list the reload cut.
+    /// rolled-back canary is not retried by a restart or an unrelated reload. `before` has
+    /// the routes' splits before a reload, for a step list the reload cut.
     fn reconcile_rollouts(&mut self, actor: &Actor, before: &BTreeMap<String, Shares>) {
         let specs: Vec<(String, RolloutSpec)> =
             self.base.routes.iter().filter_map(|r| Some((r.name.clone(), r.rollout.clone()?))).collect();
@@ -717,7 +728,12 @@ impl Control {
             "step": progress.step + 1,
             "steps": match spec.strategy { config::Strategy::Canary => spec.steps.len(), config::Strategy::BlueGreen => 1 },
             "canary_weight": percent(progress.canary_weight(spec)),
-            "hold_left_s": progress.hold_left(spec).as_secs_f64(),
+            // A hold runs only while the rollout moves (or is paused mid-step).
+            "hold_left_s": if matches!(progress.phase, Phase::Progressing | Phase::Paused) {
+                progress.hold_left(spec).as_secs_f64()
+            } else {
+                0.0
+            },
             "waiting_for_traffic": progress.waiting_for_traffic,
             "rollback_held": progress.rollback_held,
             "reason": progress.reason,

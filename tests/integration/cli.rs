@@ -149,6 +149,15 @@ async fn run_serves_logs_json_and_stops_on_sigterm() {
     let answer: serde_json::Value = serde_json::from_str(&out).expect("one JSON line");
     assert_eq!(answer["ok"], false);
     assert!(answer["error"].as_str().is_some_and(|e| e.contains("sum to 50 %")), "{answer}");
+    // --json after the verb, as people type it.
+    let (code, out, err) = switchyard(&["ctl", "--socket", socket, "status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let answer: serde_json::Value = serde_json::from_str(&out).expect("one JSON line");
+    assert_eq!(answer["routes"][0]["name"], "r", "{answer}");
+    // A socket that is not there: the cause said once.
+    let (code, _, err) = switchyard(&["ctl", "--socket", "/nonexistent/switchyard.sock", "status"]);
+    assert_eq!(code, 1);
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
 
     let pid = child.id().expect("pid").to_string();
     assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().expect("kill").success());

@@ -180,6 +180,45 @@ async fn live_splits_survive_a_restart() {
 }
 
 #[tokio::test]
+async fn a_live_split_naming_a_backend_the_config_dropped_is_ignored_with_an_event() {
+    let blue = TestServer::named("blue").await;
+    let green = TestServer::named("green").await;
+    let dir = TempDir::new();
+    let proxy = TestProxy::start_in(dir, &blue_green("blue = 100, green = 0")(&blue, &green), None).await;
+    assert_eq!(admin(&proxy, "set-weights agent blue=0 green=100").await["ok"], true);
+    let TestProxy { running, dir, .. } = proxy;
+    running.stop().await;
+
+    // Restarted with green gone from the config.
+    let again = TestProxy::start_in(
+        dir,
+        &format!("{}[[routes]]\nname = \"agent\"\nsplit = {{ blue = 100 }}\n", backend("blue", &[&blue])),
+        None,
+    )
+    .await;
+    assert_eq!(probe(&again).await, "blue");
+    let events = admin(&again, "events 10").await;
+    let ignored = events["events"].as_array().expect("events").iter().find(|e| e["action"] == "state-ignored").cloned();
+    let ignored = ignored.unwrap_or_else(|| panic!("a state-ignored event: {events}"));
+    assert_eq!(ignored["route"], "agent");
+    assert!(ignored["reason"].as_str().is_some_and(|r| r.contains("no backend named \"green\"")), "{ignored}");
+}
+
+#[tokio::test]
+async fn a_start_that_cannot_listen_says_why_and_leaves_no_socket_behind() {
+    let blue = TestServer::named("blue").await;
+    // A port held by a listener that does not share it.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let dir = TempDir::new();
+    let text = full_config(&dir, &all_to("blue", &[&blue])).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let config = switchyard::config::parse(&text, "test").expect("valid").config;
+    let Err(e) = switchyard::app::start(config, None).await else { panic!("started on a port in use") };
+    assert!(e.to_string().contains(&format!("cannot listen on 127.0.0.1:{port}")), "{e}");
+    assert!(!dir.path("admin.sock").exists(), "the admin socket made by the failed start is removed");
+}
+
+#[tokio::test]
 async fn a_burst_of_changes_is_written_as_a_whole_and_survives_a_clean_stop() {
     let blue = TestServer::named("blue").await;
     let green = TestServer::named("green").await;

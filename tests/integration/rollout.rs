@@ -305,6 +305,7 @@ async fn after_a_blue_green_cleanup_rollback_and_the_next_rollout_bring_the_old_
     // Cleanup drained blue. A rollback sends the traffic back to it, so it must return.
     let rolled = admin(&proxy, "rollback agent found a bug after cleanup").await;
     assert_eq!(rolled["state"], "RolledBack", "{rolled}");
+    assert_eq!(rolled["hold_left_s"], 0.0, "no hold runs once the rollout is over: {rolled}");
     assert_eq!(probe(&proxy).await, "blue", "the old side is back in rotation");
     assert!(
         events(&proxy)
