@@ -28,9 +28,10 @@ pub(super) fn parse(text: &str) -> Result<Checked, Vec<ConfigError>> {
         Ok(f) => f,
         Err(e) => {
             let span = e.span().unwrap_or(0..0);
-            let snippet = text.get(span.clone()).unwrap_or("").trim();
-            let key = if snippet.len() <= 64 && !snippet.contains('\n') { snippet } else { "" };
-            v.error(key, span, e.message().trim().to_string());
+            // A type error, an unknown or a missing key: named by its place in the document.
+            // (A syntax error has no document to place it in.)
+            let key = toml::de::DeTable::parse(text).map(|doc| key_at(doc.get_ref(), span.start)).unwrap_or_default();
+            v.error(&key, span, e.message().trim().to_string());
             return Err(v.errors);
         }
     };
@@ -41,6 +42,50 @@ pub(super) fn parse(text: &str) -> Result<Checked, Vec<ConfigError>> {
     }
     let warnings = v.warnings(&file, &config);
     Ok(Checked { config, warnings })
+}
+
+/// The dotted key of the deepest entry whose key or value holds `offset`, the way errors
+/// name keys: `backends.blue.servers`, `routes[1].split`. A table written under a header
+/// has a span that covers the header only, so every branch is searched, not only the one
+/// whose span holds the offset.
+fn key_at(doc: &toml::de::DeTable<'_>, offset: usize) -> String {
+    let mut path = Vec::new();
+    in_table(doc, offset, &mut path);
+    let mut key = String::new();
+    for part in path {
+        if !key.is_empty() && !part.starts_with('[') {
+            key.push('.');
+        }
+        key.push_str(&part);
+    }
+    key
+}
+
+fn in_table(table: &toml::de::DeTable<'_>, offset: usize, path: &mut Vec<String>) -> bool {
+    for (name, value) in table.iter() {
+        path.push(name.get_ref().to_string());
+        if in_value(value.get_ref(), offset, path) || name.span().contains(&offset) || value.span().contains(&offset) {
+            return true;
+        }
+        path.pop();
+    }
+    false
+}
+
+/// Whether `offset` lies in an entry somewhere inside `value` (the path then names it).
+fn in_value(value: &toml::de::DeValue<'_>, offset: usize, path: &mut Vec<String>) -> bool {
+    match value {
+        toml::de::DeValue::Table(table) => in_table(table, offset, path),
+        toml::de::DeValue::Array(items) => items.iter().enumerate().any(|(i, item)| {
+            path.push(format!("[{i}]"));
+            let found = in_value(item.get_ref(), offset, path) || item.span().contains(&offset);
+            if !found {
+                path.pop();
+            }
+            found
+        }),
+        _ => false,
+    }
 }
 
 struct LineIndex {
@@ -801,6 +846,24 @@ request_timeout = "forever"
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].line, 11);
         assert!(e[0].message.contains("unknown field `weight`"), "{}", e[0].message);
+    }
+
+    #[test]
+    fn type_unknown_and_missing_key_errors_name_the_key() {
+        let cases = [
+            ("[backends.blue]\nservers = \"127.0.0.1:1\"\n", "backends.blue.servers"),
+            ("[backends.blue]\nservers = [\"127.0.0.1:1\"]\ncolour = \"red\"\n", "backends.blue.colour"),
+            ("[listen]\nbogus = 1\n", "listen.bogus"),
+            (
+                "[backends.blue]\nservers = [\"127.0.0.1:1\"]\n[[routes]]\nname = \"a\"\nsplit = { blue = 100 }\n[[routes]]\nname = \"b\"\n",
+                "routes[1]",
+            ),
+            ("[defaults]\nmax_request_header_bytes = -1\n", "defaults.max_request_header_bytes"),
+        ];
+        for (text, key) in cases {
+            let e = errors(text);
+            assert_eq!(e[0].key, key, "{text}\n{}", e[0].message);
+        }
     }
 
     #[test]
