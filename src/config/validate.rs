@@ -26,12 +26,25 @@ pub(super) fn parse(text: &str) -> Result<Checked, Vec<ConfigError>> {
     let mut v = Validator { lines: LineIndex::new(text), errors: Vec::new() };
     let file: File = match toml::from_str(text) {
         Ok(f) => f,
-        Err(e) => {
-            let span = e.span().unwrap_or(0..0);
-            // A type error, an unknown or a missing key: named by its place in the document.
-            // (A syntax error has no document to place it in.)
-            let key = toml::de::DeTable::parse(text).map(|doc| key_at(doc.get_ref(), span.start)).unwrap_or_default();
-            v.error(&key, span, e.message().trim().to_string());
+        Err(first) => {
+            match toml::de::DeTable::parse(text) {
+                // A type error, an unknown or a missing key: every one of them, each named by
+                // its place in the document.
+                Ok(doc) => {
+                    let mut all = errors_piece_by_piece(&doc);
+                    if all.is_empty() {
+                        all.push(first);
+                    }
+                    for e in all {
+                        let span = e.span().unwrap_or(0..0);
+                        v.error(&key_at(doc.get_ref(), span.start), span, e.message().trim().to_string());
+                    }
+                    v.errors.sort_by_key(|e| (e.line, e.column));
+                    v.errors.dedup_by(|a, b| a.line == b.line && a.column == b.column && a.message == b.message);
+                }
+                // A syntax error: no document to place it in, nor to go on with.
+                Err(_) => v.error("", first.span().unwrap_or(0..0), first.message().trim().to_string()),
+            }
             return Err(v.errors);
         }
     };
@@ -42,6 +55,45 @@ pub(super) fn parse(text: &str) -> Result<Checked, Vec<ConfigError>> {
     }
     let warnings = v.warnings(&file, &config);
     Ok(Checked { config, warnings })
+}
+
+/// Deserializes the document a piece at a time (each top-level table, each backend, each
+/// route), so that one mistake does not hide the next: serde stops at the first error.
+/// Every key of the file has a default, so a piece alone misses nothing it should have.
+fn errors_piece_by_piece<'i>(doc: &toml::Spanned<toml::de::DeTable<'i>>) -> Vec<toml::de::Error> {
+    use serde::Deserialize;
+    use toml::de::{DeTable, DeValue};
+    let mut pieces: Vec<DeTable<'i>> = Vec::new();
+    for (name, value) in doc.get_ref().iter() {
+        let one = |value: toml::Spanned<DeValue<'i>>| -> DeTable<'i> {
+            let mut piece = DeTable::new();
+            piece.insert(name.clone(), value);
+            piece
+        };
+        match (name.get_ref().as_ref(), value.get_ref()) {
+            ("backends", DeValue::Table(backends)) => {
+                for (backend, spec) in backends.iter() {
+                    let mut only = DeTable::new();
+                    only.insert(backend.clone(), spec.clone());
+                    pieces.push(one(toml::Spanned::new(value.span(), DeValue::Table(only))));
+                }
+            }
+            ("routes", DeValue::Array(routes)) => {
+                for route in routes.iter() {
+                    let only = DeValue::Array(std::iter::once(route.clone()).collect());
+                    pieces.push(one(toml::Spanned::new(value.span(), only)));
+                }
+            }
+            _ => pieces.push(one(value.clone())),
+        }
+    }
+    pieces
+        .into_iter()
+        .filter_map(|piece| {
+            let piece = toml::Spanned::new(doc.span(), piece);
+            File::deserialize(toml::de::Deserializer::from(piece)).err()
+        })
+        .collect()
 }
 
 /// The dotted key of the deepest entry whose key or value holds `offset`, the way errors
@@ -864,6 +916,48 @@ request_timeout = "forever"
             let e = errors(text);
             assert_eq!(e[0].key, key, "{text}\n{}", e[0].message);
         }
+    }
+
+    #[test]
+    fn every_type_unknown_and_missing_key_error_is_listed() {
+        let text = r#"
+[listen]
+http = "127.0.0.1:8080"
+bogus = 1
+
+[backends.blue]
+servers = ["127.0.0.1:9001"]
+colour = "red"
+
+[backends.green]
+servers = "127.0.0.1:9002"
+
+[[routes]]
+name = "a"
+split = { blue = 100 }
+
+[[routes]]
+name = "b"
+
+[[routes]]
+name = "c"
+split = { blue = 100 }
+request_timeout = 30
+"#;
+        let e = errors(text);
+        let found: Vec<(&str, usize)> = e.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(
+            found,
+            [
+                ("listen.bogus", 4),
+                ("backends.blue.colour", 8),
+                ("backends.green.servers", 11),
+                ("routes[1]", 17),
+                ("routes[2].request_timeout", 23)
+            ],
+            "{e:#?}"
+        );
+        assert!(e[3].message.contains("missing field `split`"), "{}", e[3].message);
     }
 
     #[test]
