@@ -64,8 +64,13 @@ async fn events(proxy: &TestProxy) -> Vec<serde_json::Value> {
 async fn a_healthy_canary_walks_every_step_to_complete_with_no_failed_request() {
     let blue = TestServer::named("blue").await;
     let green = TestServer::named("green").await;
+    // 50 clients on a busy two-core machine can push a healthy canary's p99 past 100 ms
+    // (this test once missed Complete while a build ran beside it); the p99 rule has a
+    // test of its own.
+    let steps = STEPS.replace("max_p99 = \"100ms\"", "max_p99 = \"2s\"");
+    assert_ne!(steps, STEPS);
     let proxy =
-        TestProxy::start(&rollout_config(&backend("blue", &[&blue]), &backend("green", &[&green]), STEPS)).await;
+        TestProxy::start(&rollout_config(&backend("blue", &[&blue]), &backend("green", &[&green]), &steps)).await;
     let load = Load::start(proxy.addr, 50);
     let done = until_state(&proxy, "Complete", Duration::from_secs(20)).await;
     assert_eq!(done["state"], "Complete", "{done}");
