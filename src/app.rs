@@ -71,7 +71,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
     let admin_listener = admin::bind(&config.admin.socket, config.admin.socket_mode)?;
     // A start that fails from here on removes the socket file it made: a stale one would
     // make `ctl` say "connection refused" rather than "no such file".
-    let socket_file = RemoveOnFailure(Some(config.admin.socket.clone()));
+    let socket_file = RemoveOnFailure::new(&config.admin.socket);
 
     let Some(addr) = config.listen.http else { return Err(StartError::NoListener) };
     let listener = proxy::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
@@ -224,10 +224,17 @@ impl Running {
     }
 }
 
-/// Removes a file when dropped, unless told to keep it.
-struct RemoveOnFailure(Option<PathBuf>);
+/// Removes the file this start put at a path when dropped, unless told to keep it; a file
+/// that is no longer that one (another instance's socket, placed meanwhile) is left alone.
+struct RemoveOnFailure(Option<(PathBuf, (u64, u64))>);
 
 impl RemoveOnFailure {
+    fn new(path: &Path) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let made = std::fs::symlink_metadata(path).ok().map(|m| (path.to_path_buf(), (m.dev(), m.ino())));
+        RemoveOnFailure(made)
+    }
+
     fn keep(mut self) {
         self.0 = None;
     }
@@ -235,8 +242,11 @@ impl RemoveOnFailure {
 
 impl Drop for RemoveOnFailure {
     fn drop(&mut self) {
-        if let Some(path) = &self.0 {
-            let _ = std::fs::remove_file(path);
+        use std::os::unix::fs::MetadataExt;
+        if let Some((path, id)) = &self.0 {
+            if std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == *id) {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
 }

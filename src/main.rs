@@ -176,10 +176,12 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 }
 
 fn ctl(socket: Option<PathBuf>, config: Option<PathBuf>, json: bool, words: &[String]) -> ExitCode {
-    // `ctl status --json` as well as `ctl --json status`: no verb takes a word "--json".
-    let json = json || words.iter().any(|w| w == "--json");
-    let words: Vec<String> = words.iter().filter(|w| *w != "--json").cloned().collect();
-    let words = &words[..];
+    // `ctl status --json` as well as `ctl --json status`: a last word "--json" is the flag
+    // (earlier ones may be part of a rollback's free-text reason).
+    let (json, words) = match words.split_last() {
+        Some((last, rest)) if last == "--json" => (true, rest),
+        _ => (json, words),
+    };
     if words.is_empty() {
         eprintln!("switchyard ctl: give a verb, e.g. status");
         return ExitCode::FAILURE;

@@ -42,8 +42,14 @@ pub(super) fn parse(text: &str) -> Result<Checked, Vec<ConfigError>> {
                     v.errors.sort_by_key(|e| (e.line, e.column));
                     v.errors.dedup_by(|a, b| a.line == b.line && a.column == b.column && a.message == b.message);
                 }
-                // A syntax error: no document to place it in, nor to go on with.
-                Err(_) => v.error("", first.span().unwrap_or(0..0), first.message().trim().to_string()),
+                // A syntax error (a duplicate key, say): no document to place it in nor to go
+                // on with; the text at the error names what it can.
+                Err(_) => {
+                    let span = first.span().unwrap_or(0..0);
+                    let snippet = text.get(span.clone()).unwrap_or("").trim();
+                    let key = if snippet.len() <= 64 && !snippet.contains('\n') { snippet } else { "" };
+                    v.error(key, span, first.message().trim().to_string());
+                }
             }
             return Err(v.errors);
         }
@@ -916,6 +922,9 @@ request_timeout = "forever"
             let e = errors(text);
             assert_eq!(e[0].key, key, "{text}\n{}", e[0].message);
         }
+        // A syntax error has no document to place it in: the text at the error names it.
+        let e = errors("[backends.blue]\nservers = [\"127.0.0.1:1\"]\nservers = [\"127.0.0.1:2\"]\n");
+        assert_eq!((e[0].key.as_str(), e[0].line), ("servers", 3), "{}", e[0].message);
     }
 
     #[test]

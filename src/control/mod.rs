@@ -137,6 +137,8 @@ pub struct Control {
     /// None until [`spawn`](Self::spawn): then listen changes take effect.
     listeners: Option<Box<dyn Listeners>>,
     last_reload_error: Option<String>,
+    /// The file's bytes at the last refused reload: the watch does not refuse them again.
+    last_refused: Option<Vec<u8>>,
     reloads: Reloads,
     health: crate::health::HealthChecks,
     /// For timers that report back (drain deadlines); weak, so that the loop still ends
@@ -203,6 +205,7 @@ impl Control {
             generation: 1,
             listeners: None,
             last_reload_error: None,
+            last_refused: None,
             reloads: Reloads::default(),
             health: Default::default(),
             own: None,
@@ -447,17 +450,17 @@ impl Control {
         Ok(servers)
     }
 
-    /// For a server (host:port), a backend of it that is drained as a whole.
+    /// For a server (host:port) every backend of which is drained as a whole: those
+    /// backends' names (an undrain of the server alone would return it nowhere).
     fn drained_with_its_backend(&self, target: &str) -> Option<String> {
         let table = self.table.current();
         if table.backend_index(target).is_some() {
             return None;
         }
-        let holding = table
-            .backends
-            .iter()
-            .find(|b| self.state.drained.contains(&*b.name) && b.servers.iter().any(|s| &*s.label == target))?;
-        Some(holding.name.to_string())
+        let holding: Vec<&str> =
+            table.backends.iter().filter(|b| b.servers.iter().any(|s| &*s.label == target)).map(|b| &*b.name).collect();
+        let all_drained = !holding.is_empty() && holding.iter().all(|b| self.state.drained.contains(*b));
+        all_drained.then(|| holding.join(", "))
     }
 
     /// Returns a whole backend to rotation because a rollout sends it traffic: the stable
@@ -895,10 +898,22 @@ impl Control {
         let Some(path) = self.config_path.clone() else {
             return failure("switchyard was started without a config file; there is nothing to reload");
         };
+        // A refusal writes a warning and an event, perhaps into the config's own directory
+        // (a log beside it, the state directory): the watch sees that as a change. The same
+        // refused bytes are not refused, counted and logged again on its account.
+        let bytes = std::fs::read(&path).ok();
+        if *actor == Actor::Config && bytes.is_some() && bytes == self.last_refused {
+            let error = self.last_reload_error.clone().unwrap_or_default();
+            return json!({ "ok": false, "error": error, "generation": self.generation, "unchanged": true });
+        }
         let checked = match config::load(&path) {
             Ok(c) => c,
-            Err(errors) => return self.refuse_reload(actor, errors.to_string()),
+            Err(errors) => {
+                self.last_refused = bytes;
+                return self.refuse_reload(actor, errors.to_string());
+            }
         };
+        self.last_refused = None;
         let new = checked.config;
         if new == self.base {
             self.last_reload_error = None;
@@ -907,6 +922,7 @@ impl Control {
         // The one step that can still fail comes first, before anything (rollouts, their
         // figures, the event log) has seen the new config.
         if let Err(e) = self.listeners.as_mut().map_or(Ok(()), |l| l.update(&new.listen)) {
+            self.last_refused = bytes;
             return self.refuse_reload(actor, format!("{}: {e}", path.display()));
         }
         let changes = diff(&self.base, &new);

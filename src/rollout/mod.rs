@@ -128,13 +128,22 @@ impl Progress {
         }
     }
 
-    /// Brings the step back within `spec`'s steps after a reload shortened the list (or a
-    /// restart found a shorter one), which would otherwise read as 100 %: to the highest
-    /// step whose weight is not above `weight`, the canary's share before, or to the first
-    /// step when that is not known. The hold starts again. True if the step moved.
+    /// Keeps a reload of the steps from raising the canary's share by itself. A step past
+    /// the end of a shortened list would read as 100 %, and an edited list can put a
+    /// higher weight at the current step; either way the rollout goes on from the highest
+    /// step whose weight is not above `weight`, the canary's share before, or from the
+    /// first step when that is not known (a restart). The hold starts again. True if the
+    /// step moved.
     pub fn fit_steps(&mut self, spec: &RolloutSpec, weight: Option<BasisPoints>) -> bool {
         let running = matches!(self.phase, Phase::Progressing | Phase::Paused);
-        if !running || spec.strategy != Strategy::Canary || self.step < spec.steps.len() {
+        if !running || spec.strategy != Strategy::Canary {
+            return false;
+        }
+        let raised = match spec.steps.get(self.step) {
+            None => true,
+            Some(step) => weight.is_some_and(|w| step.weight > w),
+        };
+        if !raised {
             return false;
         }
         let at_most = weight.unwrap_or(0);
@@ -407,12 +416,18 @@ mod tests {
         let mut p = at(5, Phase::Paused);
         assert!(p.fit_steps(&cut, None));
         assert_eq!(p.step, 0);
-        // A step still in the list, or a rollout not under way, is left alone.
+        // Cut to [10 %, 100 %] from step 2 of 4 (20 %): the last step is in the list but
+        // would raise the canary to 100 %.
+        let mut p = at(1, Phase::Progressing);
+        assert!(p.fit_steps(&cut, Some(2000)));
+        assert_eq!(p.canary_weight(&cut), 1000);
+        // A step still in the list at the same weight, or a rollout not under way, is
+        // left alone.
         for mut p in
             [at(1, Phase::Progressing), at(3, Phase::Complete), at(3, Phase::RolledBack), at(3, Phase::Pending)]
         {
             let before = (p.step, p.held_ms);
-            assert!(!p.fit_steps(&cut, Some(5000)));
+            assert!(!p.fit_steps(&cut, Some(ALL)));
             assert_eq!((p.step, p.held_ms), before);
         }
     }

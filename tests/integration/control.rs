@@ -205,6 +205,35 @@ async fn a_live_split_naming_a_backend_the_config_dropped_is_ignored_with_an_eve
 }
 
 #[tokio::test]
+async fn a_config_that_links_to_another_file_in_its_directory_follows_edits_of_that_file() {
+    let blue = TestServer::named("blue").await;
+    let green = TestServer::named("green").await;
+    let dir = TempDir::new();
+    let (real, link) = (dir.path("real.toml"), dir.path("switchyard.toml"));
+    let text = full_config(&dir, &blue_green("blue = 100, green = 0")(&blue, &green));
+    std::fs::write(&real, &text).expect("write");
+    std::os::unix::fs::symlink("real.toml", &link).expect("symlink");
+    let config = switchyard::config::parse(&text, "test").expect("valid").config;
+    let running = switchyard::app::start(config, Some(link)).await.expect("starts");
+    let url = format!("http://{}/", running.http_addr().expect("addr"));
+    let client = client();
+    assert_eq!(fetch(&client, get(&url)).await.expect("answer").2, "blue");
+
+    // An edit of the link's target, renamed over it: its events name real.toml only.
+    write_config(&real, &text.replace("blue = 100, green = 0", "blue = 0, green = 100"), true);
+    let mut now = String::new();
+    for _ in 0..500 {
+        now = fetch(&client, get(&url)).await.expect("answer").2;
+        if now == "green" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(now, "green", "the edit was reloaded");
+    running.stop().await;
+}
+
+#[tokio::test]
 async fn a_start_that_cannot_listen_says_why_and_leaves_no_socket_behind() {
     let blue = TestServer::named("blue").await;
     // A port held by a listener that does not share it.
