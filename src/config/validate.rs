@@ -39,8 +39,8 @@ pub(super) fn parse(text: &str) -> Result<Checked, Vec<ConfigError>> {
                         let span = e.span().unwrap_or(0..0);
                         v.error(&key_at(doc.get_ref(), span.start), span, e.message().trim().to_string());
                     }
+                    // The pieces come in key order, not the file's.
                     v.errors.sort_by_key(|e| (e.line, e.column));
-                    v.errors.dedup_by(|a, b| a.line == b.line && a.column == b.column && a.message == b.message);
                 }
                 // A syntax error (a duplicate key, say): no document to place it in nor to go
                 // on with; the text at the error names what it can.

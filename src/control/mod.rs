@@ -137,8 +137,6 @@ pub struct Control {
     /// None until [`spawn`](Self::spawn): then listen changes take effect.
     listeners: Option<Box<dyn Listeners>>,
     last_reload_error: Option<String>,
-    /// The file's bytes at the last refused reload: the watch does not refuse them again.
-    last_refused: Option<Vec<u8>>,
     reloads: Reloads,
     health: crate::health::HealthChecks,
     /// For timers that report back (drain deadlines); weak, so that the loop still ends
@@ -205,7 +203,6 @@ impl Control {
             generation: 1,
             listeners: None,
             last_reload_error: None,
-            last_refused: None,
             reloads: Reloads::default(),
             health: Default::default(),
             own: None,
@@ -898,22 +895,10 @@ impl Control {
         let Some(path) = self.config_path.clone() else {
             return failure("switchyard was started without a config file; there is nothing to reload");
         };
-        // A refusal writes a warning and an event, perhaps into the config's own directory
-        // (a log beside it, the state directory): the watch sees that as a change. The same
-        // refused bytes are not refused, counted and logged again on its account.
-        let bytes = std::fs::read(&path).ok();
-        if *actor == Actor::Config && bytes.is_some() && bytes == self.last_refused {
-            let error = self.last_reload_error.clone().unwrap_or_default();
-            return json!({ "ok": false, "error": error, "generation": self.generation, "unchanged": true });
-        }
         let checked = match config::load(&path) {
             Ok(c) => c,
-            Err(errors) => {
-                self.last_refused = bytes;
-                return self.refuse_reload(actor, errors.to_string());
-            }
+            Err(errors) => return self.refuse_reload(actor, errors.to_string()),
         };
-        self.last_refused = None;
         let new = checked.config;
         if new == self.base {
             self.last_reload_error = None;
@@ -922,7 +907,6 @@ impl Control {
         // The one step that can still fail comes first, before anything (rollouts, their
         // figures, the event log) has seen the new config.
         if let Err(e) = self.listeners.as_mut().map_or(Ok(()), |l| l.update(&new.listen)) {
-            self.last_refused = bytes;
             return self.refuse_reload(actor, format!("{}: {e}", path.display()));
         }
         let changes = diff(&self.base, &new);

@@ -1,8 +1,9 @@
 //! Watching the config file. The watch is on the file's directory, not the file: editors
 //! that write a new file and rename it over the old one, and Kubernetes ConfigMaps that
-//! swap a `..data` symlink, both replace the inode a file watch would follow. Any change
-//! in the directory asks for a reload after a short quiet period (bursts of events from one
-//! save become one reload); a reload of an unchanged file changes nothing.
+//! swap a `..data` symlink, both replace the inode a file watch would follow. After any
+//! change in the directory and a short quiet period (bursts of events from one save become
+//! one), the config's bytes are read; a reload is asked for when they differ from those of
+//! the last reload the watch asked for.
 
 use std::path::Path;
 use std::time::Duration;
@@ -25,19 +26,28 @@ pub fn watch(config: &Path, handle: Handle) -> notify::Result<notify::Recommende
     let (tx, mut rx) = mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Any change in the directory: the config may be a link to another file there,
-        // whose name no event for the config would carry. A reload of unchanged bytes
-        // changes nothing, and refused bytes are not refused twice (see `reload`).
+        // whose name no event for the config would carry. The bytes tell (below).
         if event.is_ok_and(|e| !e.kind.is_access()) {
             // Full means a reload is already pending; this event joins it.
             let _ = tx.try_send(());
         }
     })?;
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    let config = config.to_path_buf();
     tokio::spawn(async move {
+        // The config's bytes at the last reload asked for. Other files change beside the
+        // config: a log, the state directory. A refused config whose warning or event went
+        // there would otherwise be reloaded, refused and written about again, for ever.
+        let mut asked: Option<Vec<u8>> = None;
         while rx.recv().await.is_some() {
             if !quiet_after(&mut rx).await {
                 return;
             }
+            let bytes = tokio::fs::read(&config).await.ok();
+            if bytes.is_some() && bytes == asked {
+                continue;
+            }
+            asked = bytes;
             let answer = handle.send(Command::Reload, Actor::Config).await;
             if answer.get("error").is_some_and(|e| e == "switchyard is shutting down") {
                 return;

@@ -27,7 +27,7 @@ pub(super) const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// What a client speaks, as far as the bytes it has sent tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Speaks {
+pub(super) enum Speaks {
     /// Its bytes so far are the first `n` of HTTP/2's preface (a preface may arrive in
     /// pieces, across reads).
     Undecided(u8),
@@ -37,7 +37,7 @@ enum Speaks {
 
 impl Speaks {
     /// What the client speaks once it has also sent `bytes`.
-    fn after(self, bytes: &[u8]) -> Speaks {
+    pub(super) fn after(self, bytes: &[u8]) -> Speaks {
         let Speaks::Undecided(seen) = self else { return self };
         let expected = &H2_PREFACE[usize::from(seen)..];
         let n = bytes.len().min(expected.len());

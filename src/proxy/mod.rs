@@ -44,7 +44,7 @@ use crate::mirror::shape::Kind;
 use crate::mirror::MIRROR_HEADER;
 use crate::routes::{self, Backend, DrainOutcome, InFlight, Route, Server, Table, TableReader};
 use crate::upstream::{self, RequestBody, Sender};
-use conn::{ClientIo, ConnShared, Timeouts, H2_PREFACE};
+use conn::{ClientIo, ConnShared, Speaks, Timeouts, H2_PREFACE};
 use headers::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 
 /// Extra hyper read buffer above the configured header limit, so that a head just over
@@ -347,7 +347,7 @@ enum Protocol {
 async fn sniff(stream: &TcpStream) -> Protocol {
     let mut first = [0u8; H2_PREFACE.len()];
     match stream.peek(&mut first).await {
-        Ok(n) if n > 0 && !H2_PREFACE.starts_with(&first[..n]) => Protocol::Http1,
+        Ok(n) if Speaks::Undecided(0).after(&first[..n]) == Speaks::Http1 => Protocol::Http1,
         // HTTP/2, a preface cut short, the client gone: `auto` finds out.
         _ => Protocol::Undecided,
     }
