@@ -105,7 +105,7 @@ fn a_missing_config_is_a_clear_error() {
 async fn run_serves_logs_json_and_stops_on_sigterm() {
     use crate::support::*;
     let blue = TestServer::named("blue").await;
-    let port = dead_addr().await.port();
+    let port = free_addr().await.port();
     let dir = std::env::temp_dir().join(format!("switchyard-run-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let file = dir.join("switchyard.toml");

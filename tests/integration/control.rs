@@ -384,7 +384,7 @@ async fn bad_requests_get_reasons_and_bad_clients_harm_no_one() {
 async fn a_new_listen_address_takes_effect_on_reload() {
     let Watched { blue: _blue, green: _green, proxy, path, _config_dir } = watched("blue = 100, green = 0").await;
     let old = proxy.addr;
-    let new = dead_addr().await;
+    let new = free_addr().await;
     let text = std::fs::read_to_string(&path).expect("read").replace("127.0.0.1:0", &new.to_string());
     std::fs::write(&path, text).expect("write");
     let answer = admin(&proxy, "reload").await;

@@ -65,7 +65,7 @@ async fn sigterm_lets_in_flight_long_polls_finish_then_exits_0() {
         Response::new(text("answered"))
     })
     .await;
-    let (port, admin_port) = (dead_addr().await.port(), dead_addr().await.port());
+    let (port, admin_port) = (free_addr().await.port(), free_addr().await.port());
     let proxy = Child::start(port, admin_port, origin.addr).await;
 
     let client = client();
@@ -110,13 +110,13 @@ async fn sigterm_lets_in_flight_long_polls_finish_then_exits_0() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_switchyard_takes_over_the_port_with_no_failed_request() {
     let origin = TestServer::named("origin").await;
-    let port = dead_addr().await.port();
-    let old = Child::start(port, dead_addr().await.port(), origin.addr).await;
+    let port = free_addr().await.port();
+    let old = Child::start(port, free_addr().await.port(), origin.addr).await;
     let load = Load::start(format!("127.0.0.1:{port}").parse().expect("addr"), 20);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // The new process binds the same port (SO_REUSEPORT) before the old one leaves.
-    let new = Child::start(port, dead_addr().await.port(), origin.addr).await;
+    let new = Child::start(port, free_addr().await.port(), origin.addr).await;
     old.signal("-TERM");
     assert_eq!(old.exit_code().await, Some(0));
     let served_after = origin.request_count();
@@ -135,7 +135,7 @@ async fn a_second_signal_exits_at_once() {
         Response::new(text("late"))
     })
     .await;
-    let (port, admin_port) = (dead_addr().await.port(), dead_addr().await.port());
+    let (port, admin_port) = (free_addr().await.port(), free_addr().await.port());
     let proxy = Child::start(port, admin_port, origin.addr).await;
     let client = client();
     let poll = tokio::spawn(async move { fetch(&client, get(&format!("http://127.0.0.1:{port}/poll"))).await });

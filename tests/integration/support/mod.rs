@@ -140,8 +140,21 @@ impl TestServer {
     }
 }
 
-/// An address where nothing listens: bound, then released.
+/// An address where nothing listens, so that a connection to it is refused. Its port stays
+/// bound (without listening) for the rest of the test run: released, it could be taken by
+/// a server of a test running beside, or be picked as a connection's own local port (a
+/// loopback connection to itself), and the "dead" backend would answer.
 pub async fn dead_addr() -> SocketAddr {
+    static HELD: Mutex<Vec<socket2::Socket>> = Mutex::new(Vec::new());
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).expect("bind");
+    let addr = socket.local_addr().expect("addr").as_socket().expect("an IP address");
+    HELD.lock().expect("lock").push(socket);
+    addr
+}
+
+/// A port free for a child process to listen on: bound, then released.
+pub async fn free_addr() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     listener.local_addr().expect("addr")
 }
