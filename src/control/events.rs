@@ -6,14 +6,20 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tokio::time::Instant;
 
 /// Entries `events N` can return.
 const KEPT: usize = 1000;
 /// Past this size the log is rotated to `events.jsonl.1` (one old generation is kept).
 const ROTATE_AT: u64 = 10 << 20;
+/// How long events go on into the file held open before its path is looked at again. An
+/// event within this long of a logrotate lands in the file that was renamed away, as with
+/// any logger that holds its file open; the next one goes to the new file.
+const PATH_RECHECK: Duration = Duration::from_secs(1);
 
 /// Who made a change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,11 +110,24 @@ impl Event {
 #[derive(Debug)]
 pub struct EventLog {
     path: PathBuf,
-    /// Held open for appending from the first event on, with its device and inode: an
-    /// event costs a `stat` and a `write`, not the directory check, open and close it
-    /// took before (a `set-weights` every 10 ms paid for them on the proxy's core).
-    file: Option<(std::fs::File, (u64, u64))>,
+    /// The file appended to, held open from the first event on.
+    held: Option<Held>,
+    /// How long the held file is trusted to still be the one at `path`.
+    recheck: Duration,
     recent: VecDeque<Event>,
+}
+
+/// The log file held open for appending. An event costs one `write`; the path is looked at
+/// again (one `stat`) at most every [`PATH_RECHECK`], and the size that decides rotation is
+/// counted here. A `set-weights` every 10 ms paid for a directory check, an open and a
+/// close per event at first, then for a `stat`, all on the proxy's core.
+#[derive(Debug)]
+struct Held {
+    file: std::fs::File,
+    /// Device and inode: the file at `path` is this one only while they match.
+    id: (u64, u64),
+    len: u64,
+    checked: Instant,
 }
 
 impl EventLog {
@@ -124,7 +143,7 @@ impl EventLog {
                 }
             }
         }
-        EventLog { path, file: None, recent }
+        EventLog { path, held: None, recheck: PATH_RECHECK, recent }
     }
 
     /// Records an event: logged, appended to the file, kept for `events N`. A write
@@ -152,41 +171,68 @@ impl EventLog {
     fn append(&mut self, event: &Event) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(event)?;
         line.push(b'\n');
-        if let Err(e) = self.writer()?.write_all(&line) {
-            self.file = None;
+        let held = self.writer()?;
+        if let Err(e) = held.file.write_all(&line) {
+            self.held = None;
             return Err(e);
         }
+        held.len += line.len() as u64;
         Ok(())
     }
 
-    /// The file to append to. One `stat` of the path tells whether it must be rotated
-    /// first, or opened afresh because it is not the file held open (deleted, renamed
-    /// away, or its directory recreated while switchyard ran).
-    fn writer(&mut self) -> std::io::Result<&mut std::fs::File> {
-        use std::os::unix::fs::MetadataExt;
-        let on_disk = std::fs::metadata(&self.path).ok();
-        let mut held = self.file.take().filter(|(_, id)| on_disk.as_ref().is_some_and(|m| (m.dev(), m.ino()) == *id));
-        if on_disk.is_some_and(|m| m.len() >= ROTATE_AT) {
+    /// The file to append to: the one held open, unless the path has since been found to
+    /// name another file (deleted, renamed away by logrotate, its directory recreated), in
+    /// which case the path is opened afresh; rotated first once it reaches [`ROTATE_AT`].
+    fn writer(&mut self) -> std::io::Result<&mut Held> {
+        let now = Instant::now();
+        let held = match self.held.take() {
+            Some(held) if now.duration_since(held.checked) < self.recheck => Some(held),
+            Some(held) => self.still_at_path(held, now),
+            None => None,
+        };
+        let mut held = match held {
+            Some(held) => held,
+            None => self.open_path(now)?,
+        };
+        if held.len >= ROTATE_AT {
             match std::fs::rename(&self.path, self.path.with_extension("jsonl.1")) {
-                Ok(()) => held = None,
+                Ok(()) => held = self.open_path(now)?,
                 // Growing past the size beats losing events; the next event tries again.
                 Err(e) => {
                     tracing::warn!(path = %self.path.display(), error = %e, "cannot rotate the event log; appending to it")
                 }
             }
         }
-        let (file, id) = match held {
-            Some(held) => held,
-            None => {
-                if let Some(dir) = self.path.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                let file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
-                let meta = file.metadata()?;
-                (file, (meta.dev(), meta.ino()))
-            }
-        };
-        Ok(&mut self.file.insert((file, id)).0)
+        Ok(self.held.insert(held))
+    }
+
+    /// `held`, if the path still names it; its size refreshed from the disk.
+    fn still_at_path(&self, mut held: Held, now: Instant) -> Option<Held> {
+        use std::os::unix::fs::MetadataExt;
+        let on_disk = std::fs::metadata(&self.path).ok()?;
+        if (on_disk.dev(), on_disk.ino()) != held.id {
+            return None;
+        }
+        held.len = on_disk.len();
+        held.checked = now;
+        Some(held)
+    }
+
+    fn open_path(&self, now: Instant) -> std::io::Result<Held> {
+        use std::os::unix::fs::MetadataExt;
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+        let meta = file.metadata()?;
+        Ok(Held { file, id: (meta.dev(), meta.ino()), len: meta.len(), checked: now })
+    }
+
+    /// Checks the path at every event, so that tests see a rename at once.
+    #[cfg(test)]
+    fn rechecking_every(mut self, every: Duration) -> Self {
+        self.recheck = every;
+        self
     }
 
     /// The last `n` events, oldest first.
@@ -231,7 +277,7 @@ mod tests {
         };
         // Just under the rotation size: the first event goes in, the next one rotates.
         std::fs::write(&log_file, vec![b'\n'; ROTATE_AT as usize - 10]).expect("write");
-        let mut log = EventLog::open(&dir);
+        let mut log = EventLog::open(&dir).rechecking_every(Duration::ZERO);
         log.record(Event::new(&Actor::Config, "reload", 1));
         log.record(Event::new(&Actor::Config, "reload", 2));
         log.record(Event::new(&Actor::Config, "reload", 3));
@@ -249,6 +295,43 @@ mod tests {
         std::fs::remove_dir_all(&dir).expect("remove");
         log.record(Event::new(&Actor::Config, "reload", 5));
         assert_eq!(generations(&log_file), [5]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn between_checks_of_its_path_the_log_appends_to_the_file_it_holds() {
+        let dir = std::env::temp_dir().join(format!("switchyard-events-trust-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let log_file = dir.join("events.jsonl");
+        let mut log = EventLog::open(&dir).rechecking_every(Duration::from_secs(3600));
+        log.record(Event::new(&Actor::Config, "reload", 1));
+        std::fs::rename(&log_file, dir.join("rotated")).expect("rename");
+        log.record(Event::new(&Actor::Config, "reload", 2));
+        // Not looked at within the hour: the event went to the file held open, and the
+        // path was not recreated.
+        let rotated = std::fs::read_to_string(dir.join("rotated")).expect("read");
+        assert_eq!(rotated.lines().count(), 2, "{rotated}");
+        assert!(!log_file.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_size_that_decides_rotation_is_counted_between_checks() {
+        let dir = std::env::temp_dir().join(format!("switchyard-events-count-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("events.jsonl"), vec![b'\n'; ROTATE_AT as usize - 10]).expect("write");
+        let mut log = EventLog::open(&dir).rechecking_every(Duration::from_secs(3600));
+        // The first event opens the file and takes it past the size; the second rotates
+        // it, though the path is not looked at again within the hour.
+        log.record(Event::new(&Actor::Config, "reload", 1));
+        log.record(Event::new(&Actor::Config, "reload", 2));
+        let rotated = std::fs::read_to_string(dir.join("events.jsonl.1")).expect("rotated");
+        assert!(rotated.ends_with("\"generation\":1}\n"), "{}", &rotated[rotated.len() - 100..]);
+        let fresh = std::fs::read_to_string(dir.join("events.jsonl")).expect("read");
+        assert_eq!(fresh.lines().count(), 1, "{fresh}");
+        assert!(fresh.contains("\"generation\":2"), "{fresh}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
