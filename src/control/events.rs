@@ -195,13 +195,22 @@ impl EventLog {
             None => self.open_path(now)?,
         };
         if held.len >= ROTATE_AT {
-            match std::fs::rename(&self.path, self.path.with_extension("jsonl.1")) {
-                Ok(()) => held = self.open_path(now)?,
-                // Growing past the size beats losing events; the next event tries again.
-                Err(e) => {
-                    tracing::warn!(path = %self.path.display(), error = %e, "cannot rotate the event log; appending to it")
+            // Only the file held is rotated. If the path names another by now (logrotate
+            // got there first, or it was truncated in place), that file is the one to go on.
+            held = match self.still_at_path(held, now) {
+                Some(held) if held.len >= ROTATE_AT => {
+                    match std::fs::rename(&self.path, self.path.with_extension("jsonl.1")) {
+                        Ok(()) => self.open_path(now)?,
+                        // Growing past the size beats losing events; the next event tries again.
+                        Err(e) => {
+                            tracing::warn!(path = %self.path.display(), error = %e, "cannot rotate the event log; appending to it");
+                            held
+                        }
+                    }
                 }
-            }
+                Some(held) => held,
+                None => self.open_path(now)?,
+            };
         }
         Ok(self.held.insert(held))
     }
@@ -228,7 +237,7 @@ impl EventLog {
         Ok(Held { file, id: (meta.dev(), meta.ino()), len: meta.len(), checked: now })
     }
 
-    /// Checks the path at every event, so that tests see a rename at once.
+    /// Sets how long the held file is trusted between looks at its path (tests).
     #[cfg(test)]
     fn rechecking_every(mut self, every: Duration) -> Self {
         self.recheck = every;
@@ -330,6 +339,29 @@ mod tests {
         let rotated = std::fs::read_to_string(dir.join("events.jsonl.1")).expect("rotated");
         assert!(rotated.ends_with("\"generation\":1}\n"), "{}", &rotated[rotated.len() - 100..]);
         let fresh = std::fs::read_to_string(dir.join("events.jsonl")).expect("read");
+        assert_eq!(fresh.lines().count(), 1, "{fresh}");
+        assert!(fresh.contains("\"generation\":2"), "{fresh}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_log_rotated_by_logrotate_meanwhile_is_not_rotated_again_over_its_old_generation() {
+        let dir = std::env::temp_dir().join(format!("switchyard-events-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let log_file = dir.join("events.jsonl");
+        std::fs::write(&log_file, vec![b'\n'; ROTATE_AT as usize - 10]).expect("write");
+        let mut log = EventLog::open(&dir).rechecking_every(Duration::from_secs(3600));
+        log.record(Event::new(&Actor::Config, "reload", 1));
+        let full = std::fs::metadata(&log_file).expect("log").len();
+        assert!(full >= ROTATE_AT);
+        // logrotate (`create`) moves the full log aside and leaves an empty one, between two
+        // events and within the time the held file is trusted.
+        std::fs::rename(&log_file, dir.join("events.jsonl.1")).expect("rename");
+        std::fs::write(&log_file, b"").expect("create");
+        log.record(Event::new(&Actor::Config, "reload", 2));
+        assert_eq!(std::fs::metadata(dir.join("events.jsonl.1")).expect("old generation").len(), full);
+        let fresh = std::fs::read_to_string(&log_file).expect("read");
         assert_eq!(fresh.lines().count(), 1, "{fresh}");
         assert!(fresh.contains("\"generation\":2"), "{fresh}");
         let _ = std::fs::remove_dir_all(&dir);

@@ -149,7 +149,7 @@ pub struct Control {
     /// The rollout engine's last tick, and the last time its progress was saved.
     last_tick: Option<tokio::time::Instant>,
     last_saved: Option<tokio::time::Instant>,
-    /// When the state file was last written, and whether a change waits for the next write.
+    /// When a `set-weights` was last written, and whether one waits for the next write.
     last_persist: Option<tokio::time::Instant>,
     persist_pending: bool,
     /// Rollbacks since start, by route and reason (`switchyard_rollbacks_total`).
@@ -159,11 +159,13 @@ pub struct Control {
 /// How often the rollout engine looks at its routes (holds, analysis).
 const TICK: Duration = Duration::from_millis(250);
 /// Writing the state file takes an fsync of the file and one of its directory: about half a
-/// millisecond of the proxy's CPU here. A change after a quiet interval is written before it
-/// is answered; changes closer together than this (a script, a burst, a controller shifting
-/// weights every 10 ms) are written together at the end of the interval, so a crash loses
-/// at most this much of a burst. At 100 ms apart, those writes alone cost 0.5 % of the core
-/// the proxy serves on under a `set-weights` every 10 ms (`benches/live.sh`).
+/// millisecond of the proxy's CPU here. Every change is written before it is answered,
+/// except `set-weights`, the one command a program may send many times a second: one after
+/// a quiet interval is written before it is answered, and those closer together than this
+/// (a script, a controller shifting weights every 10 ms) are written together at the end of
+/// the interval, so a crash loses at most this much of such a burst. At 100 ms apart, those
+/// writes alone cost 0.5 % of the core the proxy serves on under a `set-weights` every
+/// 10 ms (`benches/live.sh`).
 const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a running rollout's hold time is saved, so that a restart resumes it.
 const SAVE_PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -237,9 +239,9 @@ impl Control {
     /// follow the config's addresses.
     ///
     /// The loop has an OS thread of its own: it writes and fsyncs the state file before
-    /// answering a change that follows a quiet spell (an operator's answered rollback
-    /// survives a crash; see [`PERSIST_INTERVAL`]), and those milliseconds of disk wait
-    /// must never stall a worker that is proxying requests.
+    /// answering a change (an operator's answered rollback survives a crash; see
+    /// [`PERSIST_INTERVAL`] for `set-weights`), and those milliseconds of disk wait must
+    /// never stall a worker that is proxying requests.
     pub fn spawn(mut self, listeners: Box<dyn Listeners>) -> Handle {
         self.listeners = Some(listeners);
         self.health.sync(&self.base, &self.table.current());
@@ -294,6 +296,7 @@ impl Control {
             Command::Metrics { connections_open } => json!({ "ok": true, "text": self.metrics(connections_open) }),
             Command::Flush => {
                 if self.persist_pending {
+                    self.last_persist = Some(tokio::time::Instant::now());
                     self.write_state();
                 }
                 json!({ "ok": true })
@@ -508,7 +511,7 @@ impl Control {
         let action = if drain.is_some() { "drain" } else { "undrain" };
         let was_drained = if drain.is_some() { !changed } else { changed };
         if changed || deadline.is_some() {
-            self.persist();
+            self.write_state();
             let mut reason = format!("{target}: {in_flight} in flight");
             if let Some(after) = deadline {
                 reason.push_str(&format!(", deadline {}", humantime::format_duration(after)));
@@ -658,7 +661,7 @@ impl Control {
             self.state.drained.insert(spec.stable.clone());
             self.apply_drains();
         }
-        self.persist();
+        self.write_state();
         self.last_saved = Some(tokio::time::Instant::now());
         match change {
             Change::RolledBack { .. } | Change::RollbackHeld { .. } => {
@@ -705,7 +708,7 @@ impl Control {
         }
         if running && self.last_saved.is_none_or(|t| now.saturating_duration_since(t) >= SAVE_PROGRESS_EVERY) {
             // Hold time, so that a restart resumes the step where it was.
-            self.persist();
+            self.write_state();
             self.last_saved = Some(now);
         }
         json!({ "ok": true })
@@ -766,9 +769,11 @@ impl Control {
         self.generation
     }
 
-    /// Makes the state durable: at once after a quiet [`PERSIST_INTERVAL`], else at the
+    /// Makes a `set-weights` durable: at once after a quiet [`PERSIST_INTERVAL`], else at the
     /// interval's end (a [`Command::Flush`] from a timer), with every change made meanwhile.
-    fn persist(&mut self) {
+    /// Only these writes count towards the interval, so that a rollout's progress saves or an
+    /// operator's rollback never make the next `set-weights` wait.
+    fn persist_split(&mut self) {
         let now = tokio::time::Instant::now();
         let due = self.last_persist.map_or(now, |last| last + PERSIST_INTERVAL);
         let own = self.own.clone();
@@ -784,13 +789,16 @@ impl Control {
                     });
                 }
             }
-            _ => self.write_state(),
+            _ => {
+                self.last_persist = Some(now);
+                self.write_state();
+            }
         }
     }
 
+    /// Writes the state file now, with whatever `set-weights` waited for the next write.
     fn write_state(&mut self) {
         self.persist_pending = false;
-        self.last_persist = Some(tokio::time::Instant::now());
         if let Err(e) = self.state_file.save(&self.state) {
             tracing::error!(error = %e, "cannot persist the runtime state; the change is in force but will not survive a restart");
         }
@@ -830,7 +838,7 @@ impl Control {
         }
         self.change_split(route, split.clone());
         let generation = self.swap();
-        self.persist();
+        self.persist_split();
         self.events.record(
             Event::new(actor, "set-weights", generation)
                 .route(route)
@@ -881,7 +889,7 @@ impl Control {
         let before = self.split_of(route);
         self.change_split(route, target.clone());
         let generation = self.swap();
-        self.persist();
+        self.write_state();
         *self.rollbacks.entry((route.to_string(), "manual")).or_default() += 1;
         let reason = reason.unwrap_or_else(|| "operator rollback".into());
         self.events.record(
@@ -924,7 +932,7 @@ impl Control {
             }
         }
         let generation = self.swap();
-        self.persist();
+        self.write_state();
         self.last_reload_error = None;
         self.reloads.ok += 1;
         self.events.record(Event::new(actor, "reload", generation).change(Value::Null, json!(changes)));

@@ -413,3 +413,20 @@ async fn promote_and_rollback_under_load_fail_nothing_and_sticky_cohorts_only_gr
     assert_eq!(fetch(&client, pinned).await.expect("answer").2, "green", "a tester still reaches the canary");
     assert!(load.stop_expecting_no_failures().await > 0, "no request failed across the promote and the rollback");
 }
+
+#[tokio::test]
+async fn an_answered_rollback_is_on_disk_even_right_after_a_step() {
+    let blue = TestServer::named("blue").await;
+    let green = TestServer::named("green").await;
+    let rollout = "steps = [ { weight = 50, hold = \"1h\" }, { weight = 100 } ]\n\
+                   analysis = { window = \"5s\", min_requests = 1000 }\n";
+    let proxy =
+        TestProxy::start(&rollout_config(&backend("blue", &[&blue]), &backend("green", &[&green]), rollout)).await;
+    assert_eq!(until_state(&proxy, "Progressing", Duration::from_secs(5)).await["state"], "Progressing");
+    // The step was written a moment ago, and the engine saves the hold every second: there
+    // is no quiet second before this rollback, and it must not wait for one.
+    let answer = admin(&proxy, "rollback agent").await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    let on_disk = std::fs::read_to_string(proxy.dir.path("state").join("state.json")).expect("the state file");
+    assert!(on_disk.contains("RolledBack"), "the answered rollback is on disk: {on_disk}");
+}
