@@ -17,19 +17,37 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Removes hop-by-hop headers, and every header the `Connection` header names.
 /// `Upgrade` goes too; the tunnel code puts it back when it forwards an upgrade.
+///
+/// Runs on every request and every response, most of which carry none of these, or only
+/// `Connection: keep-alive`. A lookup in the map hashes the name, so rather than look up
+/// every hop-by-hop name, one scan of the names present (compared in their interned form)
+/// finds the few to remove.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Connection-named headers first, while `Connection` is still there to read.
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> =
-            connection_tokens(headers).filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok()).collect();
+    let present: Vec<HeaderName> = headers.keys().filter(|name| is_hop_by_hop(name)).cloned().collect();
+    if present.is_empty() {
+        return;
+    }
+    // Connection-named headers first, while `Connection` is still there to read. A token
+    // naming a hop-by-hop header (`keep-alive`, `upgrade`) is already in `present` if its
+    // header is.
+    if present.contains(&header::CONNECTION) {
+        let named: Vec<HeaderName> = connection_tokens(headers)
+            .filter(|token| {
+                !HOP_BY_HOP.iter().chain([&header::UPGRADE]).any(|h| token.eq_ignore_ascii_case(h.as_str()))
+            })
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+            .collect();
         for name in named {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
+    for name in present {
         headers.remove(name);
     }
-    headers.remove(header::UPGRADE);
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == header::UPGRADE
 }
 
 /// Whether a `Connection` header lists `token` (case-insensitively).
@@ -95,6 +113,33 @@ mod tests {
         h.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
+    fn every_hop_by_hop_header_goes_alone_or_named_in_any_case() {
+        for name in HOP_BY_HOP.iter().chain([&header::UPGRADE]) {
+            let mut h = HeaderMap::new();
+            h.append(name, HeaderValue::from_static("a"));
+            h.append(name, HeaderValue::from_static("b"));
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"], "{name}");
+        }
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        h.append(header::CONNECTION, HeaderValue::from_static("X-One ,close"));
+        h.insert("x-one", HeaderValue::from_static("1"));
+        h.insert("close", HeaderValue::from_static("1"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+        // Nothing to remove: the map is left as it was.
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("agent"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
     }
 
     #[test]

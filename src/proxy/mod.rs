@@ -421,8 +421,11 @@ async fn attempts(
     let mut server = server.clone();
     let mut connect_retried = false;
     // Requests that may be replayed keep a copy of their head, owning its bytes in one
-    // allocation (see `replay_copy`): a long-poll that then never fails.
-    let mut replay = replay_copy(&req);
+    // allocation (see `replay_copy`): a long-poll that then never fails. A replay goes to
+    // another server of this backend, so a backend of one server (a sidecar's usual
+    // version) never needs the copy, and the request is spared it.
+    let alone = backend.servers.len() < 2;
+    let mut replay = if alone { None } else { replay_copy(&req) };
     let replayable = replay.is_some();
     loop {
         // One clock read serves the pool's idle check and the latency measurement.
@@ -478,6 +481,8 @@ async fn attempts(
                 server.drained.note(DrainOutcome::Cut);
                 return Err(drain_cut(if replayable {
                     "; it was already replayed once"
+                } else if alone {
+                    "; its backend has no other server to replay it on"
                 } else {
                     " (only GET, HEAD and OPTIONS without a body are replayed)"
                 }));

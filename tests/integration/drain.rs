@@ -149,6 +149,26 @@ async fn at_the_deadline_a_pending_long_poll_moves_and_a_pending_post_is_cut() {
     assert!(events.to_string().contains("drain-deadline"), "{events}");
 }
 
+#[tokio::test]
+async fn at_the_deadline_a_long_poll_on_a_backend_of_one_server_is_cut_and_told_why() {
+    let (a, _) = holding_and_quick().await;
+    let proxy = TestProxy::start(&format!(
+        "{}[[routes]]\nname = \"r\"\nsplit = {{ solo = 100 }}\nrequest_timeout = \"1m\"\n",
+        backend("solo", &[&a])
+    ))
+    .await;
+    let poll_url = proxy.url("/poll");
+    let poll = tokio::spawn(async move { fetch(&client(), get(&poll_url)).await });
+    assert!(eventually(Duration::from_secs(5), || a.request_count() == 1).await, "the long-poll waits on a");
+
+    let answer = admin(&proxy, &format!("drain {} --deadline 300ms --wait", a.addr)).await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!((answer["replayed"].as_u64(), answer["cut"].as_u64()), (Some(0), Some(1)), "{answer}");
+    let (status, _, body) = poll.await.expect("task").expect("the long-poll gets an answer");
+    assert_eq!(status.as_u16(), 503, "{body}");
+    assert!(body.contains("deadline passed") && body.contains("no other server to replay it on"), "{body}");
+}
+
 /// SSE events that take 250 ms each to write, in two chunks: at almost any moment the
 /// stream is in the middle of one.
 fn slow_events() -> Body {
