@@ -72,6 +72,14 @@ class Admin:
         if b'"ok":true' not in answer or b'"unchanged"' in answer:
             sys.exit(f"live_control: set-weights not carried out: {answer!r}")
 
+    def restore(self):
+        """Leaves the route on the split the next run starts from (its first change is
+        SPLITS[0]), outside any measurement: a run that sent an odd number of changes
+        would otherwise make the next run's first change no change at all."""
+        if self.sent % 2:
+            self.change()
+        self.close()
+
     def close(self):
         """Closes the connection; the next change opens one. A kept connection is closed
         after each busy phase: the socket cuts clients silent for 10 s."""
@@ -112,6 +120,7 @@ def idle(path, pid, seconds, mode):
         changes += 1
         time.sleep(max(0.0, t0 + changes * INTERVAL - time.monotonic()))
     c1, k1 = cpu_ns([pid])
+    admin.restore()
     print(f"{(c1 - c0) / changes / 1000:.0f} {(k1 - k0) / changes / 1000:.0f}")
 
 
@@ -139,6 +148,7 @@ def main():
                   f"{last['cpu_ns'] / max(last['origin_ns'], 1):5.2f} x origin's CPU",
                   file=sys.stderr)
             time.sleep(gap)
+    admin.restore()
     with open(out, "w") as f:
         json.dump(phases, f)
     print(summary(mode, phases))
