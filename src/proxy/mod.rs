@@ -245,11 +245,16 @@ impl Proxy {
             parts.headers.insert(X_FORWARDED_HOST.clone(), host);
         }
         headers::append_to_list(&mut parts.headers, &X_FORWARDED_FOR, &client.ip);
-        parts.headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        // Constants, so that the values are checked once, when compiling, not per request.
+        const HTTP: HeaderValue = HeaderValue::from_static("http");
+        const VIA_2: HeaderValue = HeaderValue::from_static("2.0 switchyard");
+        const VIA_1_0: HeaderValue = HeaderValue::from_static("1.0 switchyard");
+        const VIA_1_1: HeaderValue = HeaderValue::from_static("1.1 switchyard");
+        parts.headers.insert(X_FORWARDED_PROTO.clone(), HTTP);
         let via = match client_version {
-            Version::HTTP_2 => HeaderValue::from_static("2.0 switchyard"),
-            Version::HTTP_10 => HeaderValue::from_static("1.0 switchyard"),
-            _ => HeaderValue::from_static("1.1 switchyard"),
+            Version::HTTP_2 => VIA_2,
+            Version::HTTP_10 => VIA_1_0,
+            _ => VIA_1_1,
         };
         headers::append_to_list(&mut parts.headers, &header::VIA, &via);
         if let Some(target) = target {
@@ -424,9 +429,10 @@ async fn attempts(
     // allocation (see `replay_copy`): a long-poll that then never fails. A replay goes to
     // another server of this backend, so a backend of one server (a sidecar's usual
     // version) never needs the copy, and the request is spared it.
+    let replayable = is_replayable(&req);
     let alone = backend.servers.len() < 2;
-    let mut replay = if alone { None } else { replay_copy(&req) };
-    let replayable = replay.is_some();
+    let mut replay = if replayable && !alone { replay_copy(&req) } else { None };
+    let mut replayed = false;
     loop {
         // One clock read serves the pool's idle check and the latency measurement.
         let started = Instant::now();
@@ -479,12 +485,14 @@ async fn attempts(
             };
             let Some(again) = replay.take() else {
                 server.drained.note(DrainOutcome::Cut);
-                return Err(drain_cut(if replayable {
+                return Err(drain_cut(if !replayable {
+                    " (only GET, HEAD and OPTIONS without a body are replayed)"
+                } else if replayed {
                     "; it was already replayed once"
                 } else if alone {
                     "; its backend has no other server to replay it on"
                 } else {
-                    " (only GET, HEAD and OPTIONS without a body are replayed)"
+                    "; its head could not be copied to replay it"
                 }));
             };
             let Some(other) = backend.pick_server(sticky_hash, Some(&server)) else {
@@ -495,6 +503,7 @@ async fn attempts(
             tracing::info!(route = %route.name, backend = %backend.name, from = %server.label, to = %other.label, "drain deadline: request replayed on another server");
             server = other.clone();
             req = again;
+            replayed = true;
             continue;
         };
         match sent {
@@ -532,16 +541,20 @@ async fn attempts(
     }
 }
 
-/// A copy of a request that a drain deadline may replay: GET, HEAD or OPTIONS, with no
-/// body. Replaying anything else could repeat its effect.
+/// Whether a drain deadline may replay the request: GET, HEAD or OPTIONS, with no body.
+/// Replaying anything else could repeat its effect.
+fn is_replayable(req: &Request<RequestBody>) -> bool {
+    matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) && req.body().is_end_stream()
+}
+
+/// A copy of a request that a drain deadline may replay (see [`is_replayable`]).
 ///
 /// The copy owns its bytes, in one allocation. The request's own header values and target
 /// are slices of the client connection's read buffer: a copy sharing them would hold that
 /// buffer for as long as the request waits (all of a long-poll), and the connection would
 /// allocate another one for its next read.
 fn replay_copy(req: &Request<RequestBody>) -> Option<Request<RequestBody>> {
-    let idempotent = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-    if !idempotent || !req.body().is_end_stream() {
+    if !is_replayable(req) {
         return None;
     }
     let target = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);

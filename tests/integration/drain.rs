@@ -159,14 +159,23 @@ async fn at_the_deadline_a_long_poll_on_a_backend_of_one_server_is_cut_and_told_
     .await;
     let poll_url = proxy.url("/poll");
     let poll = tokio::spawn(async move { fetch(&client(), get(&poll_url)).await });
-    assert!(eventually(Duration::from_secs(5), || a.request_count() == 1).await, "the long-poll waits on a");
+    let post_url = proxy.url("/submit");
+    let post = tokio::spawn(async move {
+        let req = Request::post(post_url).body(Full::new(Bytes::from_static(b"{}"))).expect("request");
+        fetch(&client(), req).await
+    });
+    assert!(eventually(Duration::from_secs(5), || a.request_count() == 2).await, "both requests wait on a");
 
     let answer = admin(&proxy, &format!("drain {} --deadline 300ms --wait", a.addr)).await;
     assert_eq!(answer["ok"], true, "{answer}");
-    assert_eq!((answer["replayed"].as_u64(), answer["cut"].as_u64()), (Some(0), Some(1)), "{answer}");
+    assert_eq!((answer["replayed"].as_u64(), answer["cut"].as_u64()), (Some(0), Some(2)), "{answer}");
     let (status, _, body) = poll.await.expect("task").expect("the long-poll gets an answer");
     assert_eq!(status.as_u16(), 503, "{body}");
     assert!(body.contains("deadline passed") && body.contains("no other server to replay it on"), "{body}");
+    // The POST's reason is what it is, whatever the backend's size.
+    let (status, _, body) = post.await.expect("task").expect("the POST gets an answer");
+    assert_eq!(status.as_u16(), 503, "{body}");
+    assert!(body.contains("only GET, HEAD and OPTIONS"), "{body}");
 }
 
 /// SSE events that take 250 ms each to write, in two chunks: at almost any moment the
