@@ -254,11 +254,17 @@ impl EventLog {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_log_rotates_and_recent_events_survive_a_reopen() {
-        let dir = std::env::temp_dir().join(format!("switchyard-events-{}", std::process::id()));
+    /// A fresh, empty directory for one test's log, named after the test and this process.
+    fn empty_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("switchyard-events-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
+        dir
+    }
+
+    #[test]
+    fn the_log_rotates_and_recent_events_survive_a_reopen() {
+        let dir = empty_dir("log");
         // A log already at the rotation size.
         let filler = vec![b'\n'; ROTATE_AT as usize];
         std::fs::write(dir.join("events.jsonl"), &filler).expect("write");
@@ -276,9 +282,7 @@ mod tests {
 
     #[test]
     fn the_held_file_rotates_mid_run_and_is_reopened_when_replaced_or_removed() {
-        let dir = std::env::temp_dir().join(format!("switchyard-events-held-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
+        let dir = empty_dir("held");
         let log_file = dir.join("events.jsonl");
         let generations = |path: &Path| -> Vec<u64> {
             let text = std::fs::read_to_string(path).expect("read");
@@ -309,9 +313,7 @@ mod tests {
 
     #[test]
     fn between_checks_of_its_path_the_log_appends_to_the_file_it_holds() {
-        let dir = std::env::temp_dir().join(format!("switchyard-events-trust-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
+        let dir = empty_dir("trust");
         let log_file = dir.join("events.jsonl");
         let mut log = EventLog::open(&dir).rechecking_every(Duration::from_secs(3600));
         log.record(Event::new(&Actor::Config, "reload", 1));
@@ -327,9 +329,7 @@ mod tests {
 
     #[test]
     fn the_size_that_decides_rotation_is_counted_between_checks() {
-        let dir = std::env::temp_dir().join(format!("switchyard-events-count-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
+        let dir = empty_dir("count");
         std::fs::write(dir.join("events.jsonl"), vec![b'\n'; ROTATE_AT as usize - 10]).expect("write");
         let mut log = EventLog::open(&dir).rechecking_every(Duration::from_secs(3600));
         // The first event opens the file and takes it past the size; the second rotates
@@ -346,9 +346,7 @@ mod tests {
 
     #[test]
     fn a_log_rotated_by_logrotate_meanwhile_is_not_rotated_again_over_its_old_generation() {
-        let dir = std::env::temp_dir().join(format!("switchyard-events-race-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
+        let dir = empty_dir("race");
         let log_file = dir.join("events.jsonl");
         std::fs::write(&log_file, vec![b'\n'; ROTATE_AT as usize - 10]).expect("write");
         let mut log = EventLog::open(&dir).rechecking_every(Duration::from_secs(3600));

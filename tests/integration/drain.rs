@@ -109,6 +109,20 @@ async fn holding_and_quick() -> (TestServer, TestServer) {
     (a, b)
 }
 
+type Answer = tokio::task::JoinHandle<Result<(http::StatusCode, http::HeaderMap, String), String>>;
+
+/// A long-poll GET and a POST sent through the proxy, each waiting in a task of its own.
+fn poll_and_post(proxy: &TestProxy) -> (Answer, Answer) {
+    let poll_url = proxy.url("/poll");
+    let poll = tokio::spawn(async move { fetch(&client(), get(&poll_url)).await });
+    let post_url = proxy.url("/submit");
+    let post = tokio::spawn(async move {
+        let req = Request::post(post_url).body(Full::new(Bytes::from_static(b"{}"))).expect("request");
+        fetch(&client(), req).await
+    });
+    (poll, post)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_deadline_a_pending_long_poll_moves_and_a_pending_post_is_cut() {
     let (a, b) = holding_and_quick().await;
@@ -119,13 +133,7 @@ async fn at_the_deadline_a_pending_long_poll_moves_and_a_pending_post_is_cut() {
     .await;
     // Both requests land on `a`: `b` is out while they are sent.
     assert_eq!(admin(&proxy, &format!("drain {}", b.addr)).await["ok"], true);
-    let poll_url = proxy.url("/poll");
-    let poll = tokio::spawn(async move { fetch(&client(), get(&poll_url)).await });
-    let post_url = proxy.url("/submit");
-    let post = tokio::spawn(async move {
-        let req = Request::post(post_url).body(Full::new(Bytes::from_static(b"{}"))).expect("request");
-        fetch(&client(), req).await
-    });
+    let (poll, post) = poll_and_post(&proxy);
     assert!(eventually(Duration::from_secs(5), || a.request_count() == 2).await, "both requests wait on a");
     assert_eq!(admin(&proxy, &format!("undrain {}", b.addr)).await["ok"], true);
 
@@ -157,13 +165,7 @@ async fn at_the_deadline_a_long_poll_on_a_backend_of_one_server_is_cut_and_told_
         backend("solo", &[&a])
     ))
     .await;
-    let poll_url = proxy.url("/poll");
-    let poll = tokio::spawn(async move { fetch(&client(), get(&poll_url)).await });
-    let post_url = proxy.url("/submit");
-    let post = tokio::spawn(async move {
-        let req = Request::post(post_url).body(Full::new(Bytes::from_static(b"{}"))).expect("request");
-        fetch(&client(), req).await
-    });
+    let (poll, post) = poll_and_post(&proxy);
     assert!(eventually(Duration::from_secs(5), || a.request_count() == 2).await, "both requests wait on a");
 
     let answer = admin(&proxy, &format!("drain {} --deadline 300ms --wait", a.addr)).await;
