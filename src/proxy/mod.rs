@@ -2,9 +2,10 @@
 //! each request to a server chosen from the current route table.
 //!
 //! ```text
-//! listener → connection (hyper auto: h1 / h2c) → handle: table = reader.load()  (once)
-//!   → table.route(host, path) → route.pick_backend → backend.pick_server
-//!   → forward (connect retry, request timeout) → response body streams back
+//! listener → connection (hyper: h1, or auto for h2c) → serve_request: table = reader.load()  (once)
+//!   → Outbound::new: table.route(host, path) → route.pick_backend → backend.pick_server
+//!   → attempts (connect retry, request timeout, drain replay)
+//!   → Outbound::answer → response body streams back
 //! ```
 //!
 //! This module reads the table and never writes it; it knows nothing of the control path.
@@ -28,6 +29,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
@@ -40,8 +42,9 @@ pub use error::ProxyError;
 pub use listener::bind;
 
 use crate::config::Sticky;
+use crate::metrics::Traffic;
 use crate::mirror::shape::Kind;
-use crate::mirror::MIRROR_HEADER;
+use crate::mirror::{Primary, MIRROR_HEADER};
 use crate::routes::{self, Backend, DrainOutcome, InFlight, Route, Server, Table, TableReader};
 use crate::upstream::{self, RequestBody, Sender};
 use conn::{ClientIo, ConnShared, Speaks, Timeouts, H2_PREFACE};
@@ -130,20 +133,7 @@ impl Proxy {
         let conn_shared = shared.clone();
         let client = Arc::new(Client { proxy: self, ip, shared });
 
-        let service = service_fn(move |req| {
-            let client = client.clone();
-            async move {
-                let active = client.shared.begin();
-                let http1 = req.version() < Version::HTTP_2;
-                let mut response = client.proxy.handle(req, &client).await;
-                if http1 && client.shared.draining() && response.status() != StatusCode::SWITCHING_PROTOCOLS {
-                    // hyper closes the connection after writing this response.
-                    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-                }
-                response.body_mut().set_active(active);
-                Ok::<_, Infallible>(response)
-            }
-        });
+        let service = service_fn(move |req| serve_request(client.clone(), req));
         // hyper's default of 100 headers stays: a larger max_headers makes it heap-allocate
         // two arrays of that size for every request it parses.
         let max_buf_size = (defaults.max_request_header_bytes + HEADER_SLACK).max(8192);
@@ -154,38 +144,80 @@ impl Proxy {
                 let conn = std::pin::pin!(builder.serve_connection(io, service).with_upgrades());
                 until_drained(conn, |c| c.graceful_shutdown(), &drain, &conn_shared).await.map_err(Into::into)
             }
+            // Boxed: `auto`'s connection is twice the size of HTTP/1's, and every connection's
+            // task would be that large, touched in full when it is spawned (1 KiB more for
+            // each held long-poll), were it kept inline for the few clients that need it.
             Protocol::Undecided => {
-                let mut builder = auto::Builder::new(TokioExecutor::new());
-                builder.http1().max_buf_size(max_buf_size).header_read_timeout(None);
-                builder.http2().max_header_list_size((defaults.max_request_header_bytes + HEADER_SLACK) as u32);
-                let conn = std::pin::pin!(builder.serve_connection_with_upgrades(io, service));
-                until_drained(conn, |c| c.graceful_shutdown(), &drain, &conn_shared).await
+                let max_header_list = (defaults.max_request_header_bytes + HEADER_SLACK) as u32;
+                Box::pin(serve_auto(io, service, max_buf_size, max_header_list, &drain, &conn_shared)).await
             }
         };
         if let Err(e) = result {
             tracing::debug!(%peer, error = %e, "client connection ended with an error");
         }
     }
+}
 
-    async fn handle(&self, req: Request<Incoming>, client: &Client) -> Response<ResponseBody> {
-        let table = self.table.load();
-        match self.proxy(&table, req, client).await {
-            Ok(response) => response,
-            Err(e) => {
-                if e.is_before_route() {
-                    table.unrouted.record(e.status(), None);
-                }
-                e.into_response()
-            }
+/// One request on a client connection, from its head to the head of its response.
+///
+/// This future is what a connection holds while its request waits upstream (all of a
+/// long-poll), and hyper moves it into place for every request, so it is kept small: the
+/// work before the wait ([`Outbound::new`]) and after it ([`Outbound::answer`]) is done in
+/// plain functions, and only what lives across the wait is kept here. (A future keeps room
+/// for every local that was ever borrowed, and for each by-value argument of every async
+/// function it awaits: written as nested async functions, it was 3.6 KiB.)
+async fn serve_request(client: Arc<Client>, req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
+    let active = client.shared.begin();
+    let table = client.proxy.table.load();
+    // In a block of its own: a request borrowed in this function's body would keep a second
+    // copy of itself in the future.
+    let (http1, routed) = {
+        let req = req;
+        (req.version() < Version::HTTP_2, Outbound::new(&table, req, &client))
+    };
+    let mut response = match routed {
+        Ok((outbound, upstream_req)) => {
+            let mut first = None;
+            let sent = attempts(&table, &outbound, upstream_req, &mut first).await;
+            outbound.answer(&table, sent, first, &client).unwrap_or_else(ProxyError::into_response)
         }
+        Err(e) => {
+            if e.is_before_route() {
+                table.unrouted.record(e.status(), None);
+            }
+            e.into_response()
+        }
+    };
+    if http1 && client.shared.draining() && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // hyper closes the connection after writing this response.
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    response.body_mut().set_active(active);
+    Ok(response)
+}
 
-    async fn proxy(
-        &self,
-        table: &Table,
+/// What was decided from a request's head: where it goes, and what its answer needs.
+struct Outbound<'t> {
+    route: &'t Route,
+    backend: &'t Backend,
+    server: &'t Arc<Server>,
+    traffic: &'t Traffic,
+    sticky_hash: Option<u64>,
+    /// The sticky cookie to set, when the client had none.
+    new_cookie: Option<HeaderValue>,
+    /// The protocol the client asked to upgrade to, and its side of the upgrade.
+    upgrade: Option<(HeaderValue, OnUpgrade)>,
+    /// The primary's half of a mirrored request.
+    primary: Option<Primary>,
+}
+
+impl<'t> Outbound<'t> {
+    /// Routes the request and turns it into the one sent upstream.
+    fn new(
+        table: &'t Table,
         mut req: Request<Incoming>,
         client: &Client,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
+    ) -> Result<(Outbound<'t>, Request<RequestBody>), ProxyError> {
         let limits = &table.defaults;
         let size = headers::head_size(req.headers());
         if size > limits.max_request_header_bytes {
@@ -219,7 +251,7 @@ impl Proxy {
         };
         let traffic = route.traffic(table, backend);
         // Refusals from here on are counted against the route and backend; those before,
-        // in `handle`.
+        // by the caller.
         let Some(server) = backend.pick_server(sticky_hash, None) else {
             // A backend named by the override header, or one that lost its last server
             // a moment ago.
@@ -228,13 +260,12 @@ impl Proxy {
             return Err(e);
         };
 
-        let upgrade = requested_upgrade(&req);
-        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let upgrade = requested_upgrade(&req).map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
 
         let (mut parts, body) = req.into_parts();
         let client_version = parts.version;
         headers::strip_hop_by_hop(&mut parts.headers);
-        if let Some(protocol) = &upgrade {
+        if let Some((protocol, _)) = &upgrade {
             parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, protocol.clone());
         }
@@ -274,23 +305,38 @@ impl Proxy {
             }
             None => (RequestBody::Client(body), None),
         };
-        let upstream_req = Request::from_parts(parts, body);
+        let outbound = Outbound { route, backend, server, traffic, sticky_hash, new_cookie, upgrade, primary };
+        Ok((outbound, Request::from_parts(parts, body)))
+    }
 
-        let (mut response, connection, in_flight, latency) =
-            match forward(table, route, backend, server, sticky_hash, upstream_req).await {
-                Ok(forwarded) => forwarded,
-                Err((e, latency)) => {
-                    traffic.record(e.status(), Some(latency));
-                    if let Some(primary) = primary {
-                        primary.failed(e.status());
-                    }
-                    return Err(e);
+    /// The client's response, from the server's (or from the failure to get one).
+    /// `first` is when the first attempt started, if one did.
+    fn answer(
+        self,
+        table: &Table,
+        sent: Result<(Response<Incoming>, Sender, InFlight, Instant), ProxyError>,
+        first: Option<Instant>,
+        client: &Client,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let Outbound { route, backend, traffic, new_cookie, upgrade, primary, .. } = self;
+        let (mut response, connection, in_flight, answered) = match sent {
+            Ok(sent) => sent,
+            Err(e) => {
+                // A failure is the rare path: one more clock read.
+                let latency = first.map_or(std::time::Duration::ZERO, |started| started.elapsed());
+                traffic.record(e.status(), Some(latency));
+                if let Some(primary) = primary {
+                    primary.failed(e.status());
                 }
-            };
+                return Err(e);
+            }
+        };
+        let latency = answered.saturating_duration_since(first.unwrap_or(answered));
         let digest = primary.map(|p| p.answered(&response));
+        let limits = &table.defaults;
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let Some(client_upgrade) = client_upgrade else {
+            let Some((asked, client_upgrade)) = upgrade else {
                 let e = ProxyError::UnaskedUpgrade { route: route.name.clone(), backend: backend.name.clone() };
                 traffic.record(e.status(), None);
                 return Err(e);
@@ -305,8 +351,8 @@ impl Proxy {
                 parts.headers.insert(header::UPGRADE, protocol);
             }
             client.shared.mark_upgraded();
-            let websocket = protocol_is(&upgrade, "websocket");
-            self.connections.spawn(tunnel::run(
+            let websocket = asked.as_bytes().eq_ignore_ascii_case(b"websocket");
+            client.proxy.connections.spawn(tunnel::run(
                 client_upgrade,
                 server_upgrade,
                 in_flight,
@@ -358,6 +404,30 @@ async fn sniff(stream: &TcpStream) -> Protocol {
     }
 }
 
+/// Serves a connection that may speak HTTP/2 (prior knowledge) through hyper-util's
+/// `auto`, which tells the protocols apart by reading the first bytes.
+async fn serve_auto<S>(
+    io: TokioIo<ClientIo>,
+    service: S,
+    max_buf_size: usize,
+    max_header_list: u32,
+    drain: &CancellationToken,
+    shared: &ConnShared,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().max_buf_size(max_buf_size).header_read_timeout(None);
+    builder.http2().max_header_list_size(max_header_list);
+    let conn = std::pin::pin!(builder.serve_connection_with_upgrades(io, service));
+    until_drained(conn, |c| c.graceful_shutdown(), drain, shared).await
+}
+
 /// Serves a client connection to its end. When switchyard drains, busy clients learn of
 /// the shutdown from their next response (`Connection: close`); idle ones get a moment to
 /// send one more request before the connection is closed (GOAWAY on h2).
@@ -385,45 +455,24 @@ where
     }
 }
 
-/// Sends `req` to `server`, on a pooled connection if one is idle. A connect failure,
-/// which happens before any byte of the request is sent, is retried once on another
-/// server of the same backend; a pooled connection found closed is replaced. A drain
-/// deadline that passes while the request waits for its response head replays it once on
-/// another server of the backend if it is idempotent and bodiless, and cuts it otherwise.
+/// Sends `req` to the outbound's server, on a pooled connection if one is idle. A connect
+/// failure, which happens before any byte of the request is sent, is retried once on
+/// another server of the same backend; a pooled connection found closed is replaced. A
+/// drain deadline that passes while the request waits for its response head replays it
+/// once on another server of the backend if it is idempotent and bodiless, and cuts it
+/// otherwise.
 ///
-/// On success, also the time from the first attempt to the response head; on failure,
-/// the time until it failed (both for `/metrics`).
-async fn forward(
-    table: &Table,
-    route: &Route,
-    backend: &Backend,
-    server: &Arc<Server>,
-    sticky_hash: Option<u64>,
-    req: Request<RequestBody>,
-) -> Result<(Response<Incoming>, Sender, InFlight, std::time::Duration), (ProxyError, std::time::Duration)> {
-    let mut first = None;
-    match attempts(table, route, backend, server, sticky_hash, req, &mut first).await {
-        Ok((response, sender, in_flight, answered)) => {
-            let latency = answered.saturating_duration_since(first.unwrap_or(answered));
-            Ok((response, sender, in_flight, latency))
-        }
-        // A failure is the rare path: one more clock read.
-        Err(e) => Err((e, first.map_or(std::time::Duration::ZERO, |started| started.elapsed()))),
-    }
-}
-
-/// [`forward`]'s attempts; `first` gets the start of the first.
+/// `first` gets the start of the first attempt, and success the time its response head
+/// came (for `/metrics`).
 async fn attempts(
     table: &Table,
-    route: &Route,
-    backend: &Backend,
-    server: &Arc<Server>,
-    sticky_hash: Option<u64>,
+    outbound: &Outbound<'_>,
     mut req: Request<RequestBody>,
     first: &mut Option<Instant>,
 ) -> Result<(Response<Incoming>, Sender, InFlight, Instant), ProxyError> {
+    let Outbound { route, backend, sticky_hash, .. } = *outbound;
     let limits = &table.defaults;
-    let mut server = server.clone();
+    let mut server = outbound.server.clone();
     let mut connect_retried = false;
     // Requests that may be replayed keep a copy of their head, owning its bytes in one
     // allocation (see `replay_copy`): a long-poll that then never fails. A replay goes to
@@ -431,7 +480,8 @@ async fn attempts(
     // version) never needs the copy, and the request is spared it.
     let replayable = is_replayable(&req);
     let alone = backend.servers.len() < 2;
-    let mut replay = if replayable && !alone { replay_copy(&req) } else { None };
+    // Boxed: the copy is rare, and the request's future would otherwise keep room for it.
+    let mut replay = if replayable && !alone { replay_copy(&req).map(Box::new) } else { None };
     let mut replayed = false;
     loop {
         // One clock read serves the pool's idle check and the latency measurement.
@@ -502,7 +552,7 @@ async fn attempts(
             server.drained.note(DrainOutcome::Replayed);
             tracing::info!(route = %route.name, backend = %backend.name, from = %server.label, to = %other.label, "drain deadline: request replayed on another server");
             server = other.clone();
-            req = again;
+            req = *again;
             replayed = true;
             continue;
         };
@@ -610,10 +660,6 @@ fn request_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, ProxyErr
         }
         None => Ok(None),
     }
-}
-
-fn protocol_is(upgrade: &Option<HeaderValue>, name: &str) -> bool {
-    upgrade.as_ref().is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(name.as_bytes()))
 }
 
 /// The protocol a client asks to upgrade to, if it asks properly: HTTP/1.1, `Upgrade`
