@@ -535,7 +535,11 @@ pub(super) struct WriteBuf<B> {
 impl<B: Buf> WriteBuf<B> {
     fn new(strategy: WriteStrategy) -> WriteBuf<B> {
         WriteBuf {
-            headers: Cursor::new(Vec::with_capacity(INIT_BUFFER_SIZE)),
+            // switchyard: allocated on first use, not when the connection opens. A connection
+            // holding a long-poll writes nothing for its whole life, and an 8 KiB buffer
+            // allocated up front costs it a resident page on each side (see SWITCHYARD.md).
+            // The encoders reserve what a head needs before writing it.
+            headers: Cursor::new(Vec::new()),
             max_buf_size: DEFAULT_MAX_BUFFER_SIZE,
             queue: BufList::new(),
             strategy,
