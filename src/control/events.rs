@@ -367,10 +367,9 @@ mod tests {
 
     #[test]
     fn a_log_that_cannot_rotate_keeps_growing_rather_than_lose_events() {
-        let dir = std::env::temp_dir().join(format!("switchyard-events-stuck-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = empty_dir("stuck");
         // A directory where the rotated file would go: the rename fails.
-        std::fs::create_dir_all(dir.join("events.jsonl.1")).expect("dir");
+        std::fs::create_dir(dir.join("events.jsonl.1")).expect("dir");
         std::fs::write(dir.join("events.jsonl"), vec![b'\n'; ROTATE_AT as usize]).expect("write");
         let mut log = EventLog::open(&dir);
         log.record(Event::new(&Actor::Config, "reload", 7));
