@@ -238,7 +238,13 @@ where
                 .max()
                 .saturating_sub(self.read_buf.len()),
         );
-        if self.read_buf_remaining_mut() < next {
+        // switchyard: while reads are small (the strategy has not grown past its first
+        // size), read into the free tail of the current buffer when at least half a read
+        // fits, instead of reserving a fresh buffer. After a message head is parsed its
+        // header values still share the buffer, so `reserve` could not reclaim it and
+        // allocated a new one for every message.
+        let tail = self.read_buf_remaining_mut();
+        if tail < next && !(next <= INIT_BUFFER_SIZE && tail >= next / 2) {
             self.read_buf.reserve(next);
         }
 
