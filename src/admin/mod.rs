@@ -13,6 +13,7 @@ pub mod http;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -40,8 +41,10 @@ pub enum AdminError {
 
 /// Binds the admin socket at `path` with `mode`. A socket file left by a crashed run is
 /// replaced; one a live process answers on is not stolen. The socket is created under a
-/// temporary name, given its mode, then renamed into place, so it is never reachable with
-/// looser permissions.
+/// temporary name and given its mode, so it is never reachable with looser permissions,
+/// then hard-linked into place: unlike a rename, a link never replaces a file, so of two
+/// switchyards starting at once with the same path, the second is refused instead of
+/// silently taking the socket from the first.
 pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, AdminError> {
     let err = |source| AdminError::Bind { path: path.to_path_buf(), source };
     if let Ok(meta) = std::fs::symlink_metadata(path) {
@@ -58,12 +61,20 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, AdminError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    // Unique per call: tests start several switchyards in one process.
+    static BINDS: AtomicU64 = AtomicU64::new(0);
+    let tmp = path.with_extension(format!("tmp-{}-{}", std::process::id(), BINDS.fetch_add(1, Ordering::Relaxed)));
     let _ = std::fs::remove_file(&tmp);
     let listener = UnixListener::bind(&tmp).map_err(err)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)?;
-    Ok(listener)
+    let linked = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(listener),
+        // Another switchyard linked its socket there since the check above.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(AdminError::InUse(path.to_path_buf())),
+        Err(e) => Err(err(e)),
+    }
 }
 
 /// Serves admin clients until `shutdown`, then removes the socket file.
@@ -316,5 +327,43 @@ mod tests {
             assert!(parse_request(line).expect_err("refused").contains("longer than a year"), "{line}");
         }
         assert!(parse_request("drain blue --deadline 364days --wait").is_ok());
+    }
+
+    /// Two switchyards started at once with one `admin.socket`: exactly one gets it, the
+    /// other is told it is in use, and the socket at the path is the winner's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn of_two_binding_one_path_at_once_exactly_one_wins() {
+        let dir = std::env::temp_dir().join(format!("switchyard-admin-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        for round in 0..20 {
+            let path = dir.join(format!("admin-{round}.sock"));
+            let start = std::sync::Arc::new(std::sync::Barrier::new(2));
+            let racers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (path, start) = (path.clone(), start.clone());
+                    tokio::task::spawn_blocking(move || {
+                        start.wait();
+                        bind(&path, 0o600)
+                    })
+                })
+                .collect();
+            let mut won = Vec::new();
+            for racer in racers {
+                match racer.await.expect("no panic") {
+                    Ok(listener) => won.push(listener),
+                    Err(e) => assert!(matches!(e, AdminError::InUse(_)), "round {round}: {e}"),
+                }
+            }
+            assert_eq!(won.len(), 1, "round {round}: both switchyards bound {}", path.display());
+            let _client = UnixStream::connect(&path).await.expect("the socket answers");
+            tokio::time::timeout(Duration::from_secs(5), won[0].accept())
+                .await
+                .expect("the winner is the one at the path")
+                .expect("accept");
+        }
+        let left: Vec<_> = std::fs::read_dir(&dir).expect("dir").map(|e| e.expect("entry").file_name()).collect();
+        assert_eq!(left.len(), 20, "one socket per round and no temporary names left: {left:?}");
+        std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }
