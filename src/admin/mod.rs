@@ -11,9 +11,8 @@
 pub mod ctl;
 pub mod http;
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -39,50 +38,72 @@ pub enum AdminError {
     Bind { path: PathBuf, source: std::io::Error },
 }
 
+/// The bound admin socket, and the lock that makes it this process's alone.
+#[derive(Debug)]
+pub struct AdminListener {
+    listener: UnixListener,
+    /// An exclusive `flock` on `<socket>.lock`, held for as long as the socket is served;
+    /// the kernel releases it when the process ends, however it ends.
+    _lock: std::fs::File,
+}
+
 /// Binds the admin socket at `path` with `mode`. A socket file left by a crashed run is
-/// replaced; one a live process answers on is not stolen. The socket is created under a
-/// temporary name and given its mode, so it is never reachable with looser permissions,
-/// then hard-linked into place: unlike a rename, a link never replaces a file, so of two
-/// switchyards starting at once with the same path, the second is refused instead of
-/// silently taking the socket from the first.
-pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, AdminError> {
+/// replaced; one a live process answers on is not stolen.
+///
+/// Two switchyards starting at once with the same path both see no live socket, so the
+/// check alone is not enough: each would replace the other's file. First, therefore, an
+/// exclusive lock on `<path>.lock` is taken, and whoever cannot take it is refused as "in
+/// use". The lock file is left in place when switchyard stops: removing it then could let
+/// two later starts lock two different files.
+///
+/// The socket is created under a temporary name and given its mode before it is renamed
+/// into place, so it is never reachable with looser permissions.
+pub fn bind(path: &Path, mode: u32) -> Result<AdminListener, AdminError> {
     let err = |source| AdminError::Bind { path: path.to_path_buf(), source };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(err)?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Err(AdminError::InUse(path.to_path_buf())),
+        Err(std::fs::TryLockError::Error(e)) => return Err(err(e)),
+    }
+
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         if !meta.file_type().is_socket() {
             return Err(AdminError::NotASocket(path.to_path_buf()));
         }
+        // Another program, or a switchyard from before the lock, may answer on it.
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(AdminError::InUse(path.to_path_buf()));
         }
         tracing::warn!(path = %path.display(), "replacing a stale admin socket left by an earlier run");
         std::fs::remove_file(path).map_err(err)?;
     }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    // Unique per call: tests start several switchyards in one process.
-    static BINDS: AtomicU64 = AtomicU64::new(0);
-    let tmp = path.with_extension(format!("tmp-{}-{}", std::process::id(), BINDS.fetch_add(1, Ordering::Relaxed)));
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let listener = UnixListener::bind(&tmp).map_err(err)?;
-    let linked = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-        .and_then(|()| std::fs::hard_link(&tmp, path));
-    let _ = std::fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => Ok(listener),
-        // Another switchyard linked its socket there since the check above.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(AdminError::InUse(path.to_path_buf())),
-        Err(e) => Err(err(e)),
-    }
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)?;
+    Ok(AdminListener { listener, _lock: lock })
 }
 
 /// Serves admin clients until `shutdown`, then removes the socket file.
-pub async fn serve(listener: UnixListener, path: PathBuf, control: Handle, shutdown: CancellationToken) {
+pub async fn serve(listener: AdminListener, path: PathBuf, control: Handle, shutdown: CancellationToken) {
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
+            accepted = listener.listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
                     // Out of descriptors or similar: back off rather than spin.
@@ -329,8 +350,9 @@ mod tests {
         assert!(parse_request("drain blue --deadline 364days --wait").is_ok());
     }
 
-    /// Two switchyards started at once with one `admin.socket`: exactly one gets it, the
-    /// other is told it is in use, and the socket at the path is the winner's.
+    /// Two switchyards started at once with one `admin.socket`, free or left stale by a
+    /// crash: exactly one gets it, the other is told it is in use, and the socket at the
+    /// path is the winner's.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn of_two_binding_one_path_at_once_exactly_one_wins() {
         let dir = std::env::temp_dir().join(format!("switchyard-admin-race-{}", std::process::id()));
@@ -338,6 +360,10 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         for round in 0..20 {
             let path = dir.join(format!("admin-{round}.sock"));
+            if round % 2 == 1 {
+                // A socket file left by a crashed run, which both find and replace.
+                drop(std::os::unix::net::UnixListener::bind(&path).expect("stale socket"));
+            }
             let start = std::sync::Arc::new(std::sync::Barrier::new(2));
             let racers: Vec<_> = (0..2)
                 .map(|_| {
@@ -357,13 +383,19 @@ mod tests {
             }
             assert_eq!(won.len(), 1, "round {round}: both switchyards bound {}", path.display());
             let _client = UnixStream::connect(&path).await.expect("the socket answers");
-            tokio::time::timeout(Duration::from_secs(5), won[0].accept())
+            tokio::time::timeout(Duration::from_secs(5), won[0].listener.accept())
                 .await
                 .expect("the winner is the one at the path")
                 .expect("accept");
         }
         let left: Vec<_> = std::fs::read_dir(&dir).expect("dir").map(|e| e.expect("entry").file_name()).collect();
-        assert_eq!(left.len(), 20, "one socket per round and no temporary names left: {left:?}");
+        let sockets = left.iter().filter(|n| n.to_string_lossy().ends_with(".sock")).count();
+        let locks = left.iter().filter(|n| n.to_string_lossy().ends_with(".sock.lock")).count();
+        assert_eq!(
+            (sockets, locks, left.len()),
+            (20, 20, 40),
+            "a socket and its lock per round, nothing else: {left:?}"
+        );
         std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }

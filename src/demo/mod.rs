@@ -379,7 +379,7 @@ async fn converse(proxy: SocketAddr, id: String, deadline: Instant) -> Conversat
     let mut sender = None;
     let mut turn = 0u64;
     while Instant::now() < deadline {
-        let path = if turn % 2 == 0 { "/chat?tokens=8" } else { "/poll?ms=150" };
+        let path = if turn.is_multiple_of(2) { "/chat?tokens=8" } else { "/poll?ms=150" };
         turn += 1;
         seen.requests += 1;
         match exchange(proxy, &mut sender, &id, path).await {

@@ -96,7 +96,7 @@ async fn faulty(name: &str) -> TestServer {
         let n = count.fetch_add(1, Ordering::Relaxed);
         async move {
             let mut r = Response::new(text("green"));
-            if n % 5 == 0 {
+            if n.is_multiple_of(5) {
                 *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
             }
             r
