@@ -26,4 +26,6 @@ pub mod proxy;
 pub mod rollout;
 pub mod routes;
 pub mod stats;
+#[cfg(test)]
+mod test_support;
 pub mod upstream;

@@ -355,9 +355,7 @@ mod tests {
     /// path is the winner's.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn of_two_binding_one_path_at_once_exactly_one_wins() {
-        let dir = std::env::temp_dir().join(format!("switchyard-admin-race-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
+        let dir = crate::test_support::empty_dir("admin-race");
         for round in 0..20 {
             let path = dir.join(format!("admin-{round}.sock"));
             if round % 2 == 1 {

@@ -254,12 +254,9 @@ impl EventLog {
 mod tests {
     use super::*;
 
-    /// A fresh, empty directory for one test's log, named after the test and this process.
+    /// A fresh, empty directory for one test's log.
     fn empty_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("switchyard-events-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
-        dir
+        crate::test_support::empty_dir(&format!("events-{name}"))
     }
 
     #[test]
