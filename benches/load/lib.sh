@@ -1,4 +1,4 @@
-# Shared by the load scripts in benches/ (load.sh, mirror.sh): tools, the build, processes
+# Shared by the load scripts in benches/ (load.sh, mirror.sh, live.sh, cache.sh): tools, the build, processes
 # and their cleanup, CPU and memory readings, wrk and its numbers. Source it after setting
 # the scripts' variables (PROXY_CPU, WRK_CPU, WRK_THREADS, SKIP_BUILD); it installs nginx and
 # wrk if missing, builds switchyard, and makes the temporary directory $TMP, removed at exit
