@@ -12,13 +12,13 @@
 #
 # Environment (all optional):
 #   CONNS="50 1000"    client connection counts
-#   DURATION=8         seconds of wrk per proxy and connection count (the proxy runs about
-#                      50 times slower under valgrind, so this is a few thousand requests)
+#   DURATION=8         seconds of wrk per proxy and connection count (a proxy serves 10 to 15
+#                      times fewer requests under valgrind: 8 s is 20,000 to 30,000 here)
 #   PROXY_CPU=0        CPU for the proxies and the origin;  WRK_CPU=1  CPU for wrk
 #   SKIP_BUILD=1       use the existing target/release/switchyard
 #   SWITCHYARD=PATH    measure this switchyard binary instead
 #
-# The counts cover the proxy's whole run: start-up and idle add about 1.5 % to nginx's
+# The counts cover the proxy's whole run: start-up and idle add about 1.3 % to nginx's
 # per-request figures (its config parse) and under 0.3 % to switchyard's.
 #
 # Everything listens on and talks to 127.0.0.1 only. Temporary files live in one mktemp -d
