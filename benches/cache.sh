@@ -76,27 +76,13 @@ ORIGIN_PORT=$(free_port)
 start_nginx origin "$TEMPLATES/origin.nginx.conf" "ORIGIN_PORT=$ORIGIN_PORT"
 wait_port "$ORIGIN_PORT" "$STARTED_PID" "$TMP/origin-error.log"
 check_body origin "http://127.0.0.1:$ORIGIN_PORT/2b" 2
+# Each proxy is one process that serves, as the worker of load.sh's nginx is.
+NGINX_GLOBALS="daemon off; master_process off;"
 
-# under_cachegrind NAME OUT COMMAND...: starts COMMAND under cachegrind; sets STARTED_PID
-under_cachegrind() {
-    local name=$1 out=$2
-    shift 2
-    taskset -c "$PROXY_CPU" valgrind --tool=cachegrind --cache-sim=yes "${SIM[@]}" --cachegrind-out-file="$out" \
-        "$@" >"$TMP/$name.out" 2>"$TMP/$name.log" &
-    STARTED_PID=$!
-    PIDS+=("$STARTED_PID")
-}
-
-# finish PID OUT: stops the proxy and waits (bounded, 60 s) for cachegrind to write OUT
+# finish PID OUT: stops the proxy, waiting up to 60 s for cachegrind to write OUT
 finish() {
-    local pid=$1 out=$2 i
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 600; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    stop_started "$pid"
-    [[ -s $out ]] || die "cachegrind wrote no counts to $out"
+    stop_started "$1" 60
+    [[ -s $2 ]] || die "cachegrind wrote no counts to $2"
 }
 
 # per_request OUT REQUESTS: "Ir I1mr D1mr+D1mw ILmr+DLmr+DLmw", each per request (LL is the simulated L2)
@@ -114,21 +100,17 @@ for c in $CONNS; do
     for p in nginx switchyard; do
         port=$(free_port)
         out="$TMP/$p-$c.cachegrind"
+        WRAP=(valgrind --tool=cachegrind --cache-sim=yes "${SIM[@]}" --cachegrind-out-file="$out")
         if [[ $p == nginx ]]; then
-            conf="$TMP/nginx-proxy-$c.conf"
-            render "$TEMPLATES/proxy.nginx.conf" "$conf" "DIR=$TMP" "NAME=nginx-proxy-$c" "USER_LINE=$USER_LINE" \
-                "NOFILE=$NOFILE" "PORT=$port" "UPSTREAM_PORT=$ORIGIN_PORT"
-            # One process that serves, as the worker of load.sh's nginx does.
-            under_cachegrind "$p-$c" "$out" "$NGINX" -p "$TMP" -e "$TMP/nginx-proxy-$c-startup.log" -c "$conf" \
-                -g 'daemon off; master_process off;'
+            start_nginx "nginx-proxy-$c" "$TEMPLATES/proxy.nginx.conf" "PORT=$port" "UPSTREAM_PORT=$ORIGIN_PORT"
+            logfile="$TMP/nginx-proxy-$c.out"
         else
-            conf="$TMP/switchyard-$c.toml"
-            render "$TEMPLATES/switchyard.toml" "$conf" "DIR=$TMP" "NAME=switchyard-$c" "PORT=$port" \
-                "UPSTREAM_PORT=$ORIGIN_PORT"
-            RUST_LOG=warn under_cachegrind "$p-$c" "$out" "$SWITCHYARD" run -c "$conf"
+            start_switchyard "switchyard-$c" "$port" "$ORIGIN_PORT"
+            logfile="$TMP/switchyard-$c.log"
         fi
+        WRAP=()
         pid=$STARTED_PID
-        wait_port "$port" "$pid" "$TMP/$p-$c.log"
+        wait_port "$port" "$pid" "$logfile"
         log "$p, $c connections: ${DURATION} s of wrk under cachegrind"
         run_wrk "$TMP/wrk-$p-$c.txt" "$c" "$DURATION" "http://127.0.0.1:$port/2b" --timeout 30s
         requests=$(wrk_requests "$TMP/wrk-$p-$c.txt")

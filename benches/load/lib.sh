@@ -49,10 +49,10 @@ fi
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/switchyard-load.XXXXXX")
 PIDS=()
 
-stop_pid() { # stop_pid PID: TERM, wait up to 5 s, then KILL
-    local pid=$1 i
+stop_pid() { # stop_pid PID [SECONDS]: TERM, wait up to SECONDS (5), then KILL
+    local pid=$1 tenths=$((${2:-5} * 10)) i
     kill -TERM "$pid" 2>/dev/null || return 0
-    for ((i = 0; i < 50; i++)); do
+    for ((i = 0; i < tenths; i++)); do
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
@@ -165,6 +165,11 @@ render() { # render TEMPLATE OUT KEY=VALUE...: replace @KEY@ with VALUE
 USER_LINE=""
 ((EUID == 0)) && USER_LINE="user root;" # workers need the 0700 temp dir
 
+# A command the next start_nginx or start_switchyard runs its server under (cache.sh: valgrind),
+# and nginx's global directives (cache.sh adds `master_process off;`, one process that serves).
+WRAP=()
+NGINX_GLOBALS="daemon off;"
+
 start_nginx() { # start_nginx NAME TEMPLATE KEY=VALUE... ; sets STARTED_PID
     local name=$1 template=$2
     shift 2
@@ -172,7 +177,7 @@ start_nginx() { # start_nginx NAME TEMPLATE KEY=VALUE... ; sets STARTED_PID
     render "$template" "$conf" "DIR=$TMP" "NAME=$name" "USER_LINE=$USER_LINE" "NOFILE=$NOFILE" "$@"
     "$NGINX" -t -q -p "$TMP" -e "$TMP/$name-startup.log" -c "$conf" >"$TMP/$name.out" 2>&1 ||
         { cat "$TMP/$name.out" >&2; die "nginx config $name is invalid"; }
-    taskset -c "$PROXY_CPU" "$NGINX" -p "$TMP" -e "$TMP/$name-startup.log" -c "$conf" -g 'daemon off;' \
+    taskset -c "$PROXY_CPU" "${WRAP[@]}" "$NGINX" -p "$TMP" -e "$TMP/$name-startup.log" -c "$conf" -g "$NGINX_GLOBALS" \
         >>"$TMP/$name.out" 2>&1 &
     STARTED_PID=$!
     PIDS+=("$STARTED_PID")
@@ -185,7 +190,7 @@ start_switchyard() { # start_switchyard NAME PORT UPSTREAM_PORT [TEMPLATE [KEY=V
     render "$template" "$conf" "DIR=$TMP" "NAME=$name" "PORT=$port" "UPSTREAM_PORT=$upstream" "$@"
     "$SWITCHYARD" check -c "$conf" >"$TMP/$name.out" 2>&1 ||
         { cat "$TMP/$name.out" >&2; die "switchyard config $name is invalid"; }
-    RUST_LOG=warn taskset -c "$PROXY_CPU" "$SWITCHYARD" run -c "$conf" 2>"$TMP/$name.log" &
+    RUST_LOG=warn taskset -c "$PROXY_CPU" "${WRAP[@]}" "$SWITCHYARD" run -c "$conf" 2>"$TMP/$name.log" &
     STARTED_PID=$!
     PIDS+=("$STARTED_PID")
 }
@@ -196,9 +201,9 @@ start_longpoll_origin() { # start_longpoll_origin PORT ; sets STARTED_PID
     PIDS+=("$STARTED_PID")
 }
 
-stop_started() { # stop_started PID: stop one of our processes and forget it
+stop_started() { # stop_started PID [SECONDS]: stop one of our processes (see stop_pid) and forget it
     local pid=$1 keep=() p
-    stop_pid "$pid"
+    stop_pid "$pid" "${2:-5}"
     for p in "${PIDS[@]}"; do [[ $p == "$pid" ]] || keep+=("$p"); done
     PIDS=("${keep[@]}")
 }

@@ -136,7 +136,8 @@ impl Proxy {
         let service = service_fn(move |req| serve_request(client.clone(), req));
         // hyper's default of 100 headers stays: a larger max_headers makes it heap-allocate
         // two arrays of that size for every request it parses.
-        let max_buf_size = (defaults.max_request_header_bytes + HEADER_SLACK).max(8192);
+        let header_limit = defaults.max_request_header_bytes + HEADER_SLACK;
+        let max_buf_size = header_limit.max(8192);
         let result = match protocol {
             Protocol::Http1 => {
                 let mut builder = hyper::server::conn::http1::Builder::new();
@@ -148,8 +149,7 @@ impl Proxy {
             // task would be that large, touched in full when it is spawned (1 KiB more for
             // each held long-poll), were it kept inline for the few clients that need it.
             Protocol::Undecided => {
-                let max_header_list = (defaults.max_request_header_bytes + HEADER_SLACK) as u32;
-                Box::pin(serve_auto(io, service, max_buf_size, max_header_list, &drain, &conn_shared)).await
+                Box::pin(serve_auto(io, service, max_buf_size, header_limit as u32, &drain, &conn_shared)).await
             }
         };
         if let Err(e) = result {
