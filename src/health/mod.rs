@@ -122,7 +122,7 @@ pub async fn probe(addr: SocketAddr, spec: &HealthSpec) -> Result<(), String> {
 }
 
 async fn probe_inner(addr: SocketAddr, spec: &HealthSpec) -> Result<(), String> {
-    let mut sender = upstream::connect(addr, spec.timeout).await.map_err(|e| e.to_string())?;
+    let conn = upstream::connect(addr, spec.timeout).await.map_err(|e| e.to_string())?;
     let host = HeaderValue::from_str(&addr.to_string()).map_err(|e| e.to_string())?;
     let request = Request::get(spec.path.as_str())
         .header(header::HOST, host)
@@ -130,7 +130,7 @@ async fn probe_inner(addr: SocketAddr, spec: &HealthSpec) -> Result<(), String> 
         .header(header::CONNECTION, HeaderValue::from_static("close"))
         .body(RequestBody::Empty)
         .map_err(|e| e.to_string())?;
-    let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+    let response = conn.send(request).await.map_err(|e| e.error.to_string())?;
     let status = response.status();
     if status.as_u16() != spec.expect_status {
         return Err(format!("status {status}, expected {}", spec.expect_status));

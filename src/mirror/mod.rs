@@ -40,7 +40,7 @@ use tokio::time::Instant;
 use crate::config::{MirrorSpec, ALL};
 use crate::routes::{Backend, DEFAULT_WINDOW};
 use crate::stats::Stats;
-use crate::upstream::{self, Pool, RequestBody};
+use crate::upstream::{self, Connection, Pool, RequestBody, SendError};
 use shape::{Digest, Kind, Shape};
 pub use tee::Tee;
 use tee::{BodyCopy, TooLarge};
@@ -402,28 +402,27 @@ impl Mirror {
         let connect_timeout = self.connect_timeout.min(timeout);
         let started = Instant::now();
         let mut req = Request::from_parts(head, body);
-        let mut pooled = pool.take_ready(started, self.upstream_idle_timeout, connect_timeout).await;
-        let (sender, response) = loop {
-            let (mut sender, was_pooled) = match pooled.take() {
-                Some(sender) => (sender, true),
-                None => (upstream::connect(server.addr, connect_timeout).await.map_err(|e| e.to_string())?, false),
+        let mut pooled = pool.take(started, self.upstream_idle_timeout);
+        let response = loop {
+            let conn = match pooled.take() {
+                Some(conn) => conn,
+                None => upstream::connect(server.addr, connect_timeout).await.map_err(|e| e.to_string())?,
             };
-            match tokio::time::timeout(timeout.saturating_sub(started.elapsed()), sender.try_send_request(req)).await {
+            match tokio::time::timeout(timeout.saturating_sub(started.elapsed()), conn.send(req)).await {
                 Err(_) => return Err(format!("shadow {} sent no response head within {timeout:?}", server.label)),
-                Ok(Ok(response)) => break (sender, response),
-                Ok(Err(mut e)) => match e.take_message() {
-                    // A pooled connection closed under us before the copy left: a fresh one.
-                    Some(unsent) if was_pooled => req = unsent,
-                    _ => return Err(format!("shadow {} failed: {}", server.label, e.into_error())),
-                },
+                Ok(Ok(response)) => break response,
+                // A pooled connection closed under us before an answer: a fresh one.
+                Ok(Err(SendError { unsent: Some(unsent), .. })) => req = *unsent,
+                Ok(Err(SendError { error, .. })) => return Err(format!("shadow {} failed: {error}", server.label)),
             }
         };
-        let answer = read_answer(response, started, &self.spec, timeout).await;
-        // A body cut short leaves its connection in no state to carry another request.
-        if let Ok((_, true)) = &answer {
-            pool.put(sender);
+        let (reading, reusable) = read_answer(response, started, &self.spec, timeout)
+            .await
+            .map_err(|e| format!("shadow {}: {e}", server.label))?;
+        if let Some(conn) = reusable {
+            pool.put(conn);
         }
-        answer.map(|(reading, _)| reading).map_err(|e| format!("shadow {}: {e}", server.label))
+        Ok(reading)
     }
 
     /// The few figures `status` shows of a route's mirror.
@@ -493,14 +492,14 @@ impl Mirror {
 }
 
 /// Reads the shadow's response to its end, or to `max_body` (digested for comparison when
-/// `compare`), each frame within `timeout`. The flag says whether the body was read whole,
-/// so the connection can be reused.
+/// `compare`), each frame within `timeout`; with the connection, when the body was read
+/// whole and it can carry another request.
 async fn read_answer(
-    response: Response<Incoming>,
+    response: Response<upstream::ResponseBody>,
     started: Instant,
     spec: &MirrorSpec,
     timeout: Duration,
-) -> Result<(Reading, bool), String> {
+) -> Result<(Reading, Option<Connection>), String> {
     let latency = started.elapsed();
     let (parts, mut body) = response.into_parts();
     let mut digest = spec.compare.then(|| Digest::new(Kind::of(&parts.headers), spec.max_body));
@@ -528,7 +527,7 @@ async fn read_answer(
         }
     };
     let reading = Reading { status: parts.status, latency, headers: parts.headers, body: digest.ok_or("not compared") };
-    Ok((reading, whole))
+    Ok((reading, if whole { body.take_reusable() } else { None }))
 }
 
 /// Whether a pair matches, and if not, the first difference: status, then body, then

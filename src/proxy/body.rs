@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant, Sleep};
 
@@ -24,7 +23,7 @@ use super::boundary::SseScanner;
 use super::conn::ActiveRequest;
 use crate::mirror::PrimaryDigest;
 use crate::routes::{DrainOutcome, InFlight};
-use crate::upstream::Sender;
+use crate::upstream;
 
 type FrameResult = Result<Frame<Bytes>, BodyError>;
 
@@ -36,7 +35,7 @@ pub const END_GRACE: Duration = Duration::from_secs(2);
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     #[error("server stopped mid-response: {0}")]
-    Upstream(#[from] hyper::Error),
+    Upstream(#[from] upstream::Error),
     #[error("no data from the server for {0:?} (stream idle timeout)")]
     Idle(Duration),
     #[error("the server was drained and its deadline passed")]
@@ -61,9 +60,10 @@ enum Kind {
 
 #[derive(Debug)]
 struct UpstreamBody {
-    inner: Incoming,
-    /// Returned to the server's pool once the body has been read to its end.
-    connection: Option<Sender>,
+    inner: upstream::ResponseBody,
+    /// Whether the connection goes back to the server's pool once the body has been read
+    /// to its end.
+    reuse: bool,
     in_flight: InFlight,
     idle_timeout: Duration,
     /// Created the first time the stream waits, so that bodies which arrive whole never
@@ -106,26 +106,18 @@ impl ResponseBody {
         ResponseBody { kind: Kind::Message(None), active: None }
     }
 
-    /// Streams `inner`; `connection`, when given, goes back to the pool at the end. An
+    /// Streams `inner`; its connection, if `reuse`, goes back to the pool at the end. An
     /// `event_stream` (SSE) is tracked so that a drain deadline can end it between events.
     pub fn upstream(
-        inner: Incoming,
-        connection: Option<Sender>,
+        inner: upstream::ResponseBody,
+        reuse: bool,
         in_flight: InFlight,
         idle_timeout: Duration,
         event_stream: bool,
     ) -> Self {
         let sse = event_stream.then(SseScanner::default);
-        let mut body = UpstreamBody {
-            inner,
-            connection,
-            in_flight,
-            idle_timeout,
-            waits: None,
-            sse,
-            end: End::Streaming,
-            digest: None,
-        };
+        let mut body =
+            UpstreamBody { inner, reuse, in_flight, idle_timeout, waits: None, sse, end: End::Streaming, digest: None };
         if body.inner.is_end_stream() {
             body.finish();
         }
@@ -150,7 +142,7 @@ impl ResponseBody {
 impl UpstreamBody {
     /// The body ended cleanly: the connection can carry another request.
     fn finish(&mut self) {
-        if let Some(connection) = self.connection.take() {
+        if let Some(connection) = self.reuse.then(|| self.inner.take_reusable()).flatten() {
             self.in_flight.server().pool.put(connection);
         }
         if let Some(digest) = self.digest.take() {
@@ -165,7 +157,7 @@ impl UpstreamBody {
         let server = self.in_flight.server();
         // The connection is not returned: the request was cut short on a server that is
         // leaving.
-        self.connection = None;
+        self.reuse = false;
         match self.sse {
             Some(sse) if sse.at_boundary() => {
                 server.drained.note(DrainOutcome::Ended);
@@ -245,7 +237,7 @@ impl Body for ResponseBody {
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
-                body.connection = None;
+                body.reuse = false;
                 let server = body.in_flight.server();
                 if let Some(stats) = &*server.stats.load() {
                     stats.record_failure(Instant::now());
@@ -266,7 +258,7 @@ impl Body for ResponseBody {
                 }
                 let Some(waits) = body.waits.as_mut() else { return Poll::Pending };
                 if waits.as_mut().project().idle.poll(cx).is_ready() {
-                    body.connection = None;
+                    body.reuse = false;
                     let server = body.in_flight.server();
                     if body.end == End::AtNextEvent {
                         server.drained.note(DrainOutcome::Cut);

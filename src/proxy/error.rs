@@ -28,7 +28,7 @@ pub enum ProxyError {
     #[error("backend {backend:?} of route {route:?}: {source}")]
     Connect { route: Arc<str>, backend: Arc<str>, source: ConnectError },
     #[error("backend {backend:?} of route {route:?}: server {server} failed: {source}")]
-    Upstream { route: Arc<str>, backend: Arc<str>, server: Arc<str>, source: hyper::Error },
+    Upstream { route: Arc<str>, backend: Arc<str>, server: Arc<str>, source: crate::upstream::Error },
     #[error("backend {backend:?} of route {route:?}: the server switched protocols (101) without being asked")]
     UnaskedUpgrade { route: Arc<str>, backend: Arc<str> },
     #[error("backend {backend:?} of route {route:?}: server {server} sent no response head within {after:?}")]

@@ -14,7 +14,7 @@ mod body;
 mod boundary;
 mod conn;
 mod error;
-mod headers;
+pub(crate) mod headers;
 mod listener;
 mod tunnel;
 
@@ -46,7 +46,7 @@ use crate::metrics::Traffic;
 use crate::mirror::shape::Kind;
 use crate::mirror::{Primary, MIRROR_HEADER};
 use crate::routes::{self, Backend, DrainOutcome, InFlight, Route, Server, Table, TableReader};
-use crate::upstream::{self, RequestBody, Sender};
+use crate::upstream::{self, RequestBody, SendError};
 use conn::{ClientIo, ConnShared, Speaks, Timeouts, H2_PREFACE};
 use headers::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 
@@ -314,12 +314,12 @@ impl<'t> Outbound<'t> {
     fn answer(
         self,
         table: &Table,
-        sent: Result<(Response<Incoming>, Sender, InFlight, Instant), ProxyError>,
+        sent: Result<(Response<upstream::ResponseBody>, InFlight, Instant), ProxyError>,
         first: Option<Instant>,
         client: &Client,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let Outbound { route, backend, traffic, new_cookie, upgrade, primary, .. } = self;
-        let (mut response, connection, in_flight, answered) = match sent {
+        let (response, in_flight, answered) = match sent {
             Ok(sent) => sent,
             Err(e) => {
                 // A failure is the rare path: one more clock read.
@@ -342,9 +342,11 @@ impl<'t> Outbound<'t> {
                 return Err(e);
             };
             traffic.record(StatusCode::SWITCHING_PROTOCOLS, Some(latency));
-            let server_upgrade = hyper::upgrade::on(&mut response);
             let protocol = response.headers().get(header::UPGRADE).cloned();
-            let (mut parts, _) = response.into_parts();
+            let (mut parts, body) = response.into_parts();
+            let Some(server_upgrade) = body.into_upgraded() else {
+                return Err(ProxyError::UnaskedUpgrade { route: route.name.clone(), backend: backend.name.clone() });
+            };
             headers::strip_hop_by_hop(&mut parts.headers);
             parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             if let Some(protocol) = protocol {
@@ -370,7 +372,7 @@ impl<'t> Outbound<'t> {
         }
         // A connection that was offered an upgrade and declined it is not reused: its
         // state is whatever the server made of the offer.
-        let reusable = if upgrade.is_none() { Some(connection) } else { None };
+        let reusable = upgrade.is_none();
         let event_stream = Kind::of(&parts.headers) == Kind::EventStream;
         let mut body = ResponseBody::upstream(body, reusable, in_flight, limits.stream_idle_timeout, event_stream);
         if let Some(digest) = digest {
@@ -469,7 +471,7 @@ async fn attempts(
     outbound: &Outbound<'_>,
     mut req: Request<RequestBody>,
     first: &mut Option<Instant>,
-) -> Result<(Response<Incoming>, Sender, InFlight, Instant), ProxyError> {
+) -> Result<(Response<upstream::ResponseBody>, InFlight, Instant), ProxyError> {
     let Outbound { route, backend, sticky_hash, .. } = *outbound;
     let limits = &table.defaults;
     let mut server = outbound.server.clone();
@@ -488,11 +490,10 @@ async fn attempts(
         let started = Instant::now();
         first.get_or_insert(started);
         let in_flight = server.start_request();
-        let pooled = server.pool.take_ready(started, limits.upstream_idle_timeout, limits.connect_timeout).await;
-        let (mut sender, pooled) = match pooled {
-            Some(sender) => (sender, true),
+        let conn = match server.pool.take(started, limits.upstream_idle_timeout) {
+            Some(conn) => conn,
             None => match upstream::connect(server.addr, limits.connect_timeout).await {
-                Ok(sender) => (sender, false),
+                Ok(conn) => conn,
                 Err(source) => {
                     outcome(backend, &server, true, started);
                     if !connect_retried {
@@ -520,7 +521,7 @@ async fn attempts(
             };
             tokio::select! {
                 biased;
-                sent = tokio::time::timeout(route.request_timeout, sender.try_send_request(req)) => Some(sent),
+                sent = tokio::time::timeout(route.request_timeout, conn.send(req)) => Some(sent),
                 () = deadline => None,
             }
         };
@@ -559,25 +560,23 @@ async fn attempts(
         match sent {
             Ok(Ok(response)) => {
                 let answered = outcome(backend, &server, response.status().is_server_error(), started);
-                return Ok((response, sender, in_flight, answered));
+                return Ok((response, in_flight, answered));
             }
-            Ok(Err(mut e)) => match e.take_message() {
-                // The pooled connection closed under us before the request left: nothing
-                // was sent, so a fresh connection can take it.
-                Some(unsent) if pooled => {
-                    tracing::debug!(server = %server.label, "pooled connection was closed; reconnecting");
-                    req = unsent;
-                }
-                _ => {
-                    outcome(backend, &server, true, started);
-                    return Err(ProxyError::Upstream {
-                        route: route.name.clone(),
-                        backend: backend.name.clone(),
-                        server: server.label.clone(),
-                        source: e.into_error(),
-                    });
-                }
-            },
+            // The pooled connection closed under us before an answer: the server did not
+            // take the request, so a fresh connection can.
+            Ok(Err(SendError { unsent: Some(unsent), error })) => {
+                tracing::debug!(server = %server.label, %error, "pooled connection was closed; reconnecting");
+                req = *unsent;
+            }
+            Ok(Err(SendError { error, .. })) => {
+                outcome(backend, &server, true, started);
+                return Err(ProxyError::Upstream {
+                    route: route.name.clone(),
+                    backend: backend.name.clone(),
+                    server: server.label.clone(),
+                    source: error,
+                });
+            }
             Err(_) => {
                 outcome(backend, &server, true, started);
                 return Err(ProxyError::Timeout {

@@ -21,12 +21,13 @@ use tokio::time::Instant;
 use super::body::END_GRACE;
 use super::boundary::{WsFrames, CLOSE_GOING_AWAY};
 use crate::routes::{DrainOutcome, InFlight};
+use crate::upstream::Upgraded;
 
 /// Runs the tunnel to its end. The server's in-flight count includes the tunnel until then.
-pub async fn run(client: OnUpgrade, server: OnUpgrade, in_flight: InFlight, idle_timeout: Duration, websocket: bool) {
+pub async fn run(client: OnUpgrade, server: Upgraded, in_flight: InFlight, idle_timeout: Duration, websocket: bool) {
     let server_label = in_flight.server().label.clone();
-    let (client, server) = match tokio::try_join!(client, server) {
-        Ok(both) => both,
+    let client = match client.await {
+        Ok(client) => client,
         Err(e) => {
             tracing::warn!(server = %server_label, error = %e, "upgrade failed; no tunnel");
             return;
@@ -35,7 +36,7 @@ pub async fn run(client: OnUpgrade, server: OnUpgrade, in_flight: InFlight, idle
     let shared = Arc::new(Shared::default());
     let mut client = Active { io: TokioIo::new(client), shared: shared.clone(), frames: None };
     let frames = websocket.then(WsFrames::default);
-    let mut server = Active { io: TokioIo::new(server), shared: shared.clone(), frames };
+    let mut server = Active { io: server, shared: shared.clone(), frames };
 
     let idle = async {
         loop {

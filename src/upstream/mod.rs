@@ -1,11 +1,14 @@
-//! Connections to servers: connecting with a timeout, HTTP/1.1 keep-alive pools, and the
-//! body type requests are sent with.
+//! Connections to servers: connecting with a timeout, HTTP/1.1 keep-alive pools, the
+//! client that speaks HTTP/1.1 on them (`client`), and the body type requests are sent
+//! with.
 //!
 //! Connecting is a step of its own, before any byte of the request is touched: a connect
 //! failure therefore leaves the request intact for a retry on another server. A pooled
 //! connection that turns out to be closed hands the unsent request back too
-//! (`try_send_request`), so keep-alive races with a server closing idle connections never
-//! reach the client.
+//! ([`SendError::unsent`]), so keep-alive races with a server closing idle connections
+//! never reach the client.
+
+mod client;
 
 use std::io;
 use std::net::SocketAddr;
@@ -17,18 +20,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+pub use client::{Body as ResponseBody, Connection, Error, SendError, Upgraded};
 
 use crate::mirror::Tee;
 
 /// Idle connections kept per server; more are closed as they come back.
 const MAX_IDLE_PER_SERVER: usize = 1024;
-
-/// A connection ready to carry one request.
-pub type Sender = http1::SendRequest<RequestBody>;
 
 /// Why a new connection could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -37,56 +37,42 @@ pub enum ConnectError {
     Timeout { addr: SocketAddr, after: Duration },
     #[error("connect to {addr} failed: {source}")]
     Refused { addr: SocketAddr, source: io::Error },
-    #[error("HTTP handshake with {addr} failed: {source}")]
-    Handshake { addr: SocketAddr, source: hyper::Error },
 }
 
 /// Idle keep-alive connections to one server.
 #[derive(Debug, Default)]
 pub struct Pool {
     /// Idle connections with the moment each became idle, most recent last.
-    idle: Mutex<Vec<(Sender, Instant)>>,
+    idle: Mutex<Vec<(Connection, Instant)>>,
 }
 
 impl Pool {
     /// An idle connection, if there is one that is still open; closed ones are dropped on
-    /// the way. It may not be ready *yet*: a connection goes back to the pool as soon as
-    /// the client has read the response's end, a moment before hyper's connection task
-    /// has noticed. [`ready`] waits for that moment.
+    /// the way.
     ///
     /// Connections idle for longer than `max_idle` are closed instead: a server closes its
     /// idle keep-alive connections on its own clock (often 5 s), and a request written just
-    /// as it does would fail with nothing to retry.
-    pub fn take(&self, now: Instant, max_idle: Duration) -> Option<Sender> {
+    /// as it does would fail.
+    pub fn take(&self, now: Instant, max_idle: Duration) -> Option<Connection> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some((sender, since)) = idle.pop() {
+        while let Some((mut conn, since)) = idle.pop() {
             if now.duration_since(since) > max_idle {
                 // Pushed in time order: everything below is older still.
                 idle.clear();
                 return None;
             }
-            if !sender.is_closed() {
-                return Some(sender);
+            if conn.is_open() {
+                return Some(conn);
             }
         }
         None
     }
 
-    /// [`take`](Self::take), then [`ready`] within `limit`: a pooled connection that can
-    /// carry a request now, or `None` (connect a new one).
-    pub async fn take_ready(&self, now: Instant, max_idle: Duration, limit: Duration) -> Option<Sender> {
-        let mut sender = self.take(now, max_idle)?;
-        ready(&mut sender, limit).await.then_some(sender)
-    }
-
     /// Returns a connection whose last response has been read to the end.
-    pub fn put(&self, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
+    pub fn put(&self, conn: Connection) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE_PER_SERVER {
-            idle.push((sender, Instant::now()));
+            idle.push((conn, Instant::now()));
         }
     }
 
@@ -97,19 +83,8 @@ impl Pool {
     }
 }
 
-/// Waits until a pooled connection can take a request: at once nearly always, else the
-/// moment its connection task catches up. `false` if it closed instead, or did not become
-/// ready within `limit` (it is then dropped, which closes it).
-pub async fn ready(sender: &mut Sender, limit: Duration) -> bool {
-    if sender.is_ready() {
-        return true;
-    }
-    matches!(tokio::time::timeout(limit, sender.ready()).await, Ok(Ok(())))
-}
-
-/// Opens a new HTTP/1.1 connection to `addr`. The connection's own task runs until the
-/// server or the last [`Sender`] closes it, and supports upgrades (WebSocket tunnels).
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectError> {
+/// Opens a new connection to `addr`.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Connection, ConnectError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Err(_) => return Err(ConnectError::Timeout { addr, after: timeout }),
         Ok(Err(source)) => return Err(ConnectError::Refused { addr, source }),
@@ -117,16 +92,7 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, Conn
     };
     // Small writes (SSE events, WebSocket frames) must leave at once.
     let _ = stream.set_nodelay(true);
-    let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|source| ConnectError::Handshake { addr, source })?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(server = %addr, error = %e, "upstream connection ended with an error");
-        }
-    });
-    Ok(sender)
+    Ok(Connection::new(stream))
 }
 
 /// The body of a request on its way to a server: the client's own, streamed as it comes
