@@ -14,7 +14,7 @@ mod body;
 mod boundary;
 mod conn;
 mod error;
-pub(crate) mod headers;
+mod headers;
 mod listener;
 mod tunnel;
 

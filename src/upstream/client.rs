@@ -26,7 +26,6 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::RequestBody;
-use crate::proxy::headers::connection_has;
 
 /// The most a response head (status line and headers) may take.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -34,6 +33,8 @@ pub const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// What one read asks the kernel for.
 const READ_SIZE: usize = 8 * 1024;
+/// The longest chunk size line (with its extensions) accepted.
+const MAX_CHUNK_LINE: usize = 1024;
 /// Interim (1xx) responses skipped before the final one; more is a broken server.
 const MAX_INTERIM: usize = 16;
 
@@ -72,13 +73,15 @@ pub struct Connection {
     read: BytesMut,
     /// The request head as it is written; kept for its capacity.
     head: Vec<u8>,
+    /// Scratch space for parsing response heads; kept for its capacity.
+    fields: Vec<Field>,
     /// Whether the connection has carried a request before this one.
     reused: bool,
 }
 
 impl Connection {
     pub fn new(io: TcpStream) -> Self {
-        Connection { io, read: BytesMut::new(), head: Vec::new(), reused: false }
+        Connection { io, read: BytesMut::new(), head: Vec::new(), fields: Vec::new(), reused: false }
     }
 
     /// Whether an idle connection is still open: the server has not closed it, nor sent
@@ -112,7 +115,7 @@ impl Connection {
         if framing == Framing::Length(0) {
             // Nearly every request: the head is all of it.
             let exchanged = match self.io.write_all(&self.head).await {
-                Ok(()) => poll_fn(|cx| poll_head(&mut self.io, &mut self.read, cx)).await,
+                Ok(()) => poll_fn(|cx| poll_head(&mut self.io, &mut self.read, &mut self.fields, cx)).await,
                 Err(e) => Err(e.into()),
             };
             return match exchanged {
@@ -131,7 +134,7 @@ impl Connection {
         // A body is written while the response head is awaited: a server may answer
         // (413, 401) before it has read all of it.
         let (answer, written) = {
-            let Connection { io, read, head, .. } = &mut self;
+            let Connection { io, read, head, fields, .. } = &mut self;
             let (mut reader, mut writer) = io.split();
             let write = async {
                 writer.write_all(head).await?;
@@ -148,7 +151,7 @@ impl Connection {
                         // The server may have answered before it stopped reading.
                         result => written = Some(result),
                     },
-                    head = poll_fn(|cx| poll_head(&mut reader, read, cx)) => break (head, written),
+                    head = poll_fn(|cx| poll_head(&mut reader, read, fields, cx)) => break (head, written),
                 }
             }
         };
@@ -168,12 +171,12 @@ impl Connection {
     /// is broken.
     fn respond(mut self, head: Head, head_request: bool, request_done: bool) -> Result<Response<Body>, SendError> {
         self.reused = true;
-        let Head { status, version, headers } = head;
+        let Head { status, version, headers, delimiters } = head;
         let (state, keep_alive) = if status == StatusCode::SWITCHING_PROTOCOLS {
             // The connection is the tunnel's now (see `Body::into_upgraded`).
             (State::Done, false)
         } else {
-            match Framing::of_response(status, version, &headers, head_request) {
+            match Framing::of_response(status, version, &delimiters, head_request) {
                 Ok((framing, keep_alive)) => (State::reading(framing), keep_alive && request_done),
                 Err(error) => return Err(SendError { error, unsent: None }),
             }
@@ -193,15 +196,21 @@ struct Head {
     status: StatusCode,
     version: Version,
     headers: HeaderMap,
+    delimiters: Delimiters,
 }
 
 /// Reads until a final response head is in `buf`, skipping interim (1xx) responses but
 /// 101, and parses it. What follows the head stays in `buf`.
-fn poll_head<R: AsyncRead + Unpin>(io: &mut R, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<Result<Head, Error>> {
+fn poll_head<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    fields: &mut Vec<Field>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Head, Error>> {
     let mut interim = 0;
     loop {
         if !buf.is_empty() {
-            match parse_head(buf)? {
+            match parse_head(buf, fields)? {
                 Some(head) if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS => {
                     interim += 1;
                     if interim > MAX_INTERIM {
@@ -222,36 +231,70 @@ fn poll_head<R: AsyncRead + Unpin>(io: &mut R, buf: &mut BytesMut, cx: &mut Cont
 }
 
 /// Parses a complete response head off the front of `buf`, or `None` if it is not all
-/// there yet. Header values share the head's bytes rather than being copied.
-fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
+/// there yet. Header values share the head's bytes rather than being copied; `fields` is
+/// scratch space, kept by the connection so that parsing allocates nothing of its own.
+fn parse_head(buf: &mut BytesMut, fields: &mut Vec<Field>) -> Result<Option<Head>, Error> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut response, buf, &mut slots);
     let len = match parsed? {
+        httparse::Status::Complete(len) if len > MAX_HEAD => return Err(Error::HeadTooLarge),
         httparse::Status::Complete(len) => len,
         httparse::Status::Partial => return Ok(None),
     };
     let status = response.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or(Error::Malformed("bad status"))?;
     let version = if response.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-    // Where each name and value lies in `buf`, to slice them out of the frozen head.
+    // Names are made now, and the framing headers read on the way; values are kept as
+    // places in `buf`, to be sliced out of the head once it is split off.
+    let mut delimiters = Delimiters::default();
     let base = buf.as_ptr() as usize;
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    let count = response.headers.len();
-    for (span, h) in spans.iter_mut().zip(response.headers.iter()) {
-        let name = h.name.as_ptr() as usize - base;
-        let value = h.value.as_ptr() as usize - base;
-        *span = (name, name + h.name.len(), value, value + h.value.len());
+    fields.clear();
+    for h in response.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| Error::Malformed("bad header name"))?;
+        delimiters.note(&name, h.value);
+        let start = h.value.as_ptr() as usize - base;
+        fields.push((name, start, start + h.value.len()));
     }
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
-    for &(name_start, name_end, value_start, value_end) in &spans[..count] {
-        let name =
-            HeaderName::from_bytes(&head[name_start..name_end]).map_err(|_| Error::Malformed("bad header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
-            .map_err(|_| Error::Malformed("bad header value"))?;
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for (name, start, end) in fields.drain(..) {
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(start..end)).map_err(|_| Error::Malformed("bad header value"))?;
         headers.append(name, value);
     }
-    Ok(Some(Head { status, version, headers }))
+    Ok(Some(Head { status, version, headers, delimiters }))
+}
+
+/// A header's name, and where its value lies in the read buffer.
+type Field = (HeaderName, usize, usize);
+
+/// What a response head says about where its body ends, and about its connection.
+#[derive(Debug, Default)]
+struct Delimiters {
+    /// `Content-Length`: `Some(None)` when a value is not a number, or values disagree.
+    length: Option<Option<u64>>,
+    /// `Transfer-Encoding`: whether its last coding is `chunked`.
+    chunked: Option<bool>,
+    /// `Connection: close`.
+    close: bool,
+}
+
+impl Delimiters {
+    fn note(&mut self, name: &HeaderName, value: &[u8]) {
+        if name == header::CONTENT_LENGTH {
+            let length = content_length(value);
+            self.length = match self.length {
+                None => Some(length),
+                Some(seen) => Some(seen.filter(|_| seen == length)),
+            };
+        } else if name == header::TRANSFER_ENCODING {
+            // The last header's last coding is the one that counts.
+            let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
+            self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == header::CONNECTION {
+            self.close |= value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        }
+    }
 }
 
 /// Reads more into `buf`: the count read, 0 at the end of the stream.
@@ -293,10 +336,10 @@ impl Framing {
     fn of_response(
         status: StatusCode,
         version: Version,
-        headers: &HeaderMap,
+        delimiters: &Delimiters,
         head_request: bool,
     ) -> Result<(Framing, bool), Error> {
-        let keep_alive = version == Version::HTTP_11 && !connection_has(headers, "close");
+        let keep_alive = version == Version::HTTP_11 && !delimiters.close;
         if head_request
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
@@ -304,23 +347,15 @@ impl Framing {
         {
             return Ok((Framing::Length(0), keep_alive));
         }
-        if headers.contains_key(header::TRANSFER_ENCODING) {
-            // Both headers: a message built to be read two ways. Read it the one way the
-            // RFC says, and never reuse the connection.
-            let both = headers.contains_key(header::CONTENT_LENGTH);
-            return Ok(if last_coding_is_chunked(headers) {
-                (Framing::Chunked, keep_alive && !both)
-            } else {
-                (Framing::Close, false)
-            });
+        match (delimiters.chunked, delimiters.length) {
+            // With both headers, a message built to be read two ways: read it the one way
+            // the RFC says, and never reuse the connection.
+            (Some(true), length) => Ok((Framing::Chunked, keep_alive && length.is_none())),
+            (Some(false), _) => Ok((Framing::Close, false)),
+            (None, Some(Some(length))) => Ok((Framing::Length(length), keep_alive)),
+            (None, Some(None)) => Err(Error::Malformed("invalid or conflicting Content-Length")),
+            (None, None) => Ok((Framing::Close, false)),
         }
-        let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
-        let Some(first) = lengths.next() else { return Ok((Framing::Close, false)) };
-        let length = content_length(first.as_bytes()).ok_or(Error::Malformed("invalid Content-Length"))?;
-        if lengths.any(|v| content_length(v.as_bytes()) != Some(length)) {
-            return Err(Error::Malformed("conflicting Content-Length headers"));
-        }
-        Ok((Framing::Length(length), keep_alive))
     }
 }
 
@@ -340,13 +375,6 @@ fn content_length(value: &[u8]) -> Option<u64> {
         length = Some(n);
     }
     length
-}
-
-/// Whether the last transfer coding of the message is `chunked`.
-fn last_coding_is_chunked(headers: &HeaderMap) -> bool {
-    let last = headers.get_all(header::TRANSFER_ENCODING).iter().next_back();
-    last.and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
-        .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
 /// Writes the request line and headers, with the framing header for `framing`.
@@ -373,9 +401,9 @@ fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, framing: Framing
             out.extend_from_slice(length.to_string().as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        Framing::Length(_) => {}
+        // A request is never close-delimited (`of_request`).
+        Framing::Length(_) | Framing::Close => {}
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        Framing::Close => unreachable!("requests are never close-delimited"),
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -508,94 +536,73 @@ impl HttpBody for Body {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = self.get_mut();
         loop {
-            let conn = match (&this.state, &mut this.conn) {
-                (State::Done | State::Failed, _) | (_, None) => return Poll::Ready(None),
-                (_, Some(conn)) => conn,
-            };
+            let Some(conn) = this.conn.as_mut() else { return Poll::Ready(None) };
             let buf = &mut conn.read;
+            // Each step either yields, moves on, or falls through to read more.
             match &mut this.state {
-                State::Length(left) | State::Chunked(Chunk::Data(left)) => {
-                    if buf.is_empty() {
-                        match ready!(poll_fill(&mut conn.io, buf, cx)) {
-                            Ok(0) => return this.fail(Error::ClosedMidResponse),
-                            Ok(_) => {}
-                            Err(e) => return this.fail(e.into()),
-                        }
-                    }
-                    let take = (*left).min(buf.len() as u64);
-                    let data = buf.split_to(take as usize).freeze();
-                    *left -= take;
+                State::Done | State::Failed => return Poll::Ready(None),
+                State::Length(left) if !buf.is_empty() => {
+                    let data = take_data(buf, left);
                     if *left == 0 {
-                        this.state = match this.state {
-                            State::Length(_) => State::Done,
-                            _ => State::Chunked(Chunk::DataEnd),
-                        };
+                        this.state = State::Done;
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                State::Close => {
-                    if buf.is_empty() {
-                        match ready!(poll_fill(&mut conn.io, buf, cx)) {
-                            Ok(0) => {
-                                this.state = State::Done;
-                                return Poll::Ready(None);
-                            }
-                            Ok(_) => {}
-                            Err(e) => return this.fail(e.into()),
-                        }
+                State::Chunked(Chunk::Data(left)) if !buf.is_empty() => {
+                    let data = take_data(buf, left);
+                    if *left == 0 {
+                        this.state = State::Chunked(Chunk::DataEnd);
                     }
-                    return Poll::Ready(Some(Ok(Frame::data(buf.split().freeze()))));
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                State::Chunked(chunk) => {
-                    // Each step needs a little more of the body than may have arrived.
-                    let step = match *chunk {
-                        Chunk::Size => match httparse::parse_chunk_size(buf) {
-                            Ok(httparse::Status::Complete((used, size))) => {
-                                buf.advance(used);
-                                *chunk = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
-                                None
-                            }
-                            Ok(httparse::Status::Partial) if buf.len() < 1024 => Some(()),
-                            _ => return this.fail(Error::Malformed("invalid chunk size line")),
-                        },
-                        Chunk::DataEnd if buf.len() < 2 => Some(()),
-                        Chunk::DataEnd if buf.starts_with(b"\r\n") => {
-                            buf.advance(2);
-                            *chunk = Chunk::Size;
-                            None
-                        }
-                        Chunk::DataEnd => return this.fail(Error::Malformed("chunk data longer than its size")),
-                        Chunk::Trailers => {
-                            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                            match httparse::parse_headers(buf, &mut slots) {
-                                Ok(httparse::Status::Complete((used, fields))) => {
-                                    let trailers = trailer_map(fields);
-                                    buf.advance(used);
-                                    this.state = State::Done;
-                                    match trailers {
-                                        Some(map) if !map.is_empty() => {
-                                            return Poll::Ready(Some(Ok(Frame::trailers(map))))
-                                        }
-                                        Some(_) => return Poll::Ready(None),
-                                        None => return this.fail(Error::Malformed("invalid trailer field")),
-                                    }
-                                }
-                                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => Some(()),
-                                Ok(httparse::Status::Partial) => return this.fail(Error::HeadTooLarge),
-                                Err(e) => return this.fail(e.into()),
-                            }
-                        }
-                        Chunk::Data(_) => unreachable!("matched above"),
-                    };
-                    if step.is_some() {
-                        match ready!(poll_fill(&mut conn.io, buf, cx)) {
-                            Ok(0) => return this.fail(Error::ClosedMidResponse),
-                            Ok(_) => {}
-                            Err(e) => return this.fail(e.into()),
-                        }
+                State::Close if !buf.is_empty() => return Poll::Ready(Some(Ok(Frame::data(buf.split().freeze())))),
+                State::Length(_) | State::Chunked(Chunk::Data(_)) | State::Close => {}
+                State::Chunked(chunk @ Chunk::Size) => match httparse::parse_chunk_size(buf) {
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        buf.advance(used);
+                        *chunk = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
+                        continue;
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() < MAX_CHUNK_LINE => {}
+                    _ => return this.fail(Error::Malformed("invalid chunk size line")),
+                },
+                State::Chunked(chunk @ Chunk::DataEnd) => {
+                    if buf.starts_with(b"\r\n") {
+                        buf.advance(2);
+                        *chunk = Chunk::Size;
+                        continue;
+                    }
+                    if buf.len() >= 2 || buf.first().is_some_and(|&b| b != b'\r') {
+                        return this.fail(Error::Malformed("chunk data longer than its size"));
                     }
                 }
-                State::Done | State::Failed => unreachable!("returned above"),
+                State::Chunked(Chunk::Trailers) => {
+                    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    match httparse::parse_headers(buf, &mut slots) {
+                        Ok(httparse::Status::Complete((used, fields))) => {
+                            let trailers = trailer_map(fields);
+                            buf.advance(used);
+                            this.state = State::Done;
+                            return match trailers {
+                                Some(map) if map.is_empty() => Poll::Ready(None),
+                                Some(map) => Poll::Ready(Some(Ok(Frame::trailers(map)))),
+                                None => this.fail(Error::Malformed("invalid trailer field")),
+                            };
+                        }
+                        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
+                        Ok(httparse::Status::Partial) => return this.fail(Error::HeadTooLarge),
+                        Err(e) => return this.fail(e.into()),
+                    }
+                }
+            }
+            match ready!(poll_fill(&mut conn.io, buf, cx)) {
+                Ok(0) if matches!(this.state, State::Close) => {
+                    this.state = State::Done;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return this.fail(Error::ClosedMidResponse),
+                Ok(_) => {}
+                Err(e) => return this.fail(e.into()),
             }
         }
     }
@@ -611,6 +618,14 @@ impl HttpBody for Body {
             _ => SizeHint::default(),
         }
     }
+}
+
+/// Up to `left` bytes of body data from the front of `buf`.
+fn take_data(buf: &mut BytesMut, left: &mut u64) -> Bytes {
+    let n = (*left).min(buf.len() as u64);
+    *left -= n;
+    // `n` is at most `buf.len()`, so it fits a `usize`.
+    buf.split_to(n as usize).freeze()
 }
 
 /// Trailer fields as a map, copied (they are rare); `None` if one is not valid.
@@ -666,5 +681,315 @@ impl AsyncWrite for Upgraded {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A server on 127.0.0.1 that accepts one connection and answers each request on it
+    /// with the next of `answers`, written byte by byte so that the client sees its pieces
+    /// in any grouping. It closes the connection after the last answer, and returns the
+    /// requests as it read them.
+    async fn scripted(answers: Vec<&'static [u8]>) -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            stream.set_nodelay(true).expect("nodelay");
+            let mut seen = Vec::new();
+            for answer in answers {
+                seen.push(read_request(&mut stream).await);
+                for byte in answer {
+                    if stream.write_all(&[*byte]).await.is_err() {
+                        return seen;
+                    }
+                }
+            }
+            seen
+        });
+        (addr, task)
+    }
+
+    /// One request as the server reads it: the head, and a body by its `content-length`
+    /// or to its last chunk.
+    async fn read_request(stream: &mut TcpStream) -> String {
+        let mut request = Vec::new();
+        let mut byte = [0u8; 1];
+        let complete = |r: &[u8]| {
+            let Some(end) = r.windows(4).position(|w| w == b"\r\n\r\n") else { return false };
+            let head = String::from_utf8_lossy(&r[..end]).to_lowercase();
+            if head.contains("transfer-encoding: chunked") {
+                return r[end + 4..].windows(5).any(|w| w == b"0\r\n\r\n")
+                    || r.ends_with(b"\r\n\r\n") && r.len() > end + 4;
+            }
+            let length =
+                head.lines().find_map(|l| l.strip_prefix("content-length: ")).map_or(0, |n| n.parse().expect("length"));
+            r.len() >= end + 4 + length
+        };
+        while !complete(&request) {
+            match stream.read(&mut byte).await {
+                Ok(1) => request.push(byte[0]),
+                _ => break,
+            }
+        }
+        String::from_utf8_lossy(&request).into_owned()
+    }
+
+    async fn open(addr: SocketAddr) -> Connection {
+        Connection::new(TcpStream::connect(addr).await.expect("connect"))
+    }
+
+    fn request(method: Method, body: RequestBody) -> Request<RequestBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = method;
+        *req.uri_mut() = "/agent?q=1".parse().expect("uri");
+        req.headers_mut().insert(header::HOST, HeaderValue::from_static("agent"));
+        req
+    }
+
+    fn get() -> Request<RequestBody> {
+        request(Method::GET, RequestBody::Empty)
+    }
+
+    /// The body's data and trailers, and the connection if it can be reused.
+    async fn read_all(response: Response<Body>) -> (Vec<u8>, Option<HeaderMap>, Option<Connection>) {
+        let mut body = response.into_body();
+        let (mut data, mut trailers) = (Vec::new(), None);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.expect("a whole body");
+            match frame.into_data() {
+                Ok(bytes) => data.extend_from_slice(&bytes),
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            }
+        }
+        (data, trailers, body.take_reusable())
+    }
+
+    #[test]
+    fn content_length_is_digits_or_one_number_repeated() {
+        assert_eq!(content_length(b"5"), Some(5));
+        assert_eq!(content_length(b"5, 5"), Some(5));
+        assert_eq!(content_length(b"0"), Some(0));
+        for bad in [&b""[..], b"5,6", b"-1", b"+5", b"5 5", b"0x10", b"99999999999999999999", b" ,5"] {
+            assert_eq!(content_length(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_response_read_to_its_end_frees_the_connection_for_the_next_request() {
+        let (addr, server) = scripted(vec![
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-agent: 1\r\n\r\nhello",
+            b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
+        ])
+        .await;
+        let response = open(addr).await.send(get()).await.expect("a response");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["x-agent"], "1");
+        let (data, _, conn) = read_all(response).await;
+        assert_eq!(data, b"hello");
+        let conn = conn.expect("the connection, reusable");
+        let response = conn.send(request(Method::DELETE, RequestBody::Empty)).await.expect("a second response");
+        assert_eq!(response.status(), StatusCode::CREATED);
+        assert_eq!(read_all(response).await.0, b"ok");
+        let seen = server.await.expect("server");
+        assert!(seen[0].starts_with("GET /agent?q=1 HTTP/1.1\r\nhost: agent\r\n"), "{}", seen[0]);
+        assert!(seen[1].starts_with("DELETE /agent?q=1 HTTP/1.1\r\n"), "{}", seen[1]);
+    }
+
+    #[tokio::test]
+    async fn a_chunked_response_is_decoded_with_its_extensions_and_trailers() {
+        let (addr, _server) = scripted(vec![
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-sum: 11\r\n\r\n",
+        ])
+        .await;
+        let response = open(addr).await.send(get()).await.expect("a response");
+        let (data, trailers, conn) = read_all(response).await;
+        assert_eq!(data, b"hello world");
+        assert_eq!(trailers.expect("trailers")["x-sum"], "11");
+        assert!(conn.is_some(), "a chunked body read to its end leaves the connection reusable");
+    }
+
+    #[tokio::test]
+    async fn bodies_that_may_not_be_followed_on_their_connection_are_read_but_not_reused() {
+        let cases: [(&[u8], &[u8]); 5] = [
+            (b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok", b"ok"),
+            (b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok", b"ok"),
+            // No length: the body ends when the server closes.
+            (b"HTTP/1.1 200 OK\r\n\r\nto the end", b"to the end"),
+            // Both: chunked wins, and the connection is not trusted again.
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", b"ok"),
+            // More than the body: the server and switchyard disagree on where it ends.
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n\r\n", b"ok"),
+        ];
+        for (answer, body) in cases {
+            let (addr, _server) = scripted(vec![answer]).await;
+            let response = open(addr).await.send(get()).await.expect("a response");
+            let (data, _, conn) = read_all(response).await;
+            assert_eq!(data, body, "{:?}", String::from_utf8_lossy(answer));
+            assert!(conn.is_none(), "reused after {:?}", String::from_utf8_lossy(answer));
+        }
+    }
+
+    #[tokio::test]
+    async fn head_204_and_304_responses_have_no_body_whatever_their_headers_say() {
+        for (method, answer) in [
+            (Method::HEAD, &b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n"[..]),
+            (Method::GET, b"HTTP/1.1 204 No Content\r\ncontent-length: 100\r\n\r\n"),
+            (Method::GET, b"HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n"),
+        ] {
+            let (addr, _server) = scripted(vec![answer]).await;
+            let response = open(addr).await.send(request(method, RequestBody::Empty)).await.expect("a response");
+            assert!(response.body().is_end_stream());
+            let (data, _, conn) = read_all(response).await;
+            assert!(data.is_empty());
+            assert!(conn.is_some(), "a bodiless response leaves the connection reusable");
+        }
+    }
+
+    #[tokio::test]
+    async fn interim_responses_are_skipped() {
+        let (addr, _server) = scripted(vec![
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        ])
+        .await;
+        let response = open(addr).await.send(get()).await.expect("a response");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(response.headers().get("link").is_none());
+        assert_eq!(read_all(response).await.0, b"ok");
+    }
+
+    #[tokio::test]
+    async fn broken_framing_is_an_error_not_a_guess() {
+        for answer in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: two\r\n\r\nok",
+            b"HTTP/1.1 2000 OK\r\n\r\n",
+            b"SMTP ready\r\n\r\n",
+        ] {
+            let (addr, _server) = scripted(vec![answer]).await;
+            let sent = open(addr).await.send(get()).await;
+            assert!(sent.is_err(), "accepted {:?}", String::from_utf8_lossy(answer));
+        }
+        for answer in [
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nokay\r\n0\r\n\r\n",
+            // Cut short.
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nok",
+        ] {
+            let (addr, _server) = scripted(vec![answer]).await;
+            let mut body = open(addr).await.send(get()).await.expect("a head").into_body();
+            let mut failed = false;
+            while let Some(frame) = body.frame().await {
+                failed |= frame.is_err();
+            }
+            assert!(failed, "read whole: {:?}", String::from_utf8_lossy(answer));
+            assert!(body.take_reusable().is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_head_over_the_limit_is_refused() {
+        let answer: &'static [u8] =
+            format!("HTTP/1.1 200 OK\r\nx-big: {}\r\n\r\n", "a".repeat(MAX_HEAD)).leak().as_bytes();
+        let (addr, _server) = scripted(vec![answer]).await;
+        let sent = open(addr).await.send(get()).await;
+        assert!(matches!(sent, Err(SendError { error: Error::HeadTooLarge, .. })), "{sent:?}");
+    }
+
+    #[tokio::test]
+    async fn a_request_body_goes_out_with_its_length() {
+        let (addr, server) = scripted(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"]).await;
+        let body = RequestBody::Whole(Some(Bytes::from_static(b"{\"q\":1}")));
+        let response = open(addr).await.send(request(Method::POST, body)).await.expect("a response");
+        assert!(read_all(response).await.2.is_some());
+        let seen = server.await.expect("server");
+        assert!(seen[0].ends_with("content-length: 7\r\n\r\n{\"q\":1}"), "{}", seen[0]);
+        // Without a body, a POST still says so.
+        let (addr, server) = scripted(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"]).await;
+        let response = open(addr).await.send(request(Method::POST, RequestBody::Empty)).await.expect("a response");
+        drop(response);
+        assert!(server.await.expect("server")[0].ends_with("content-length: 0\r\n\r\n"));
+    }
+
+    #[tokio::test]
+    async fn a_server_that_answers_before_reading_the_body_is_heard_and_its_connection_dropped() {
+        // The server reads nothing of the 32 MiB body, which cannot all fit in the
+        // sockets' buffers, and refuses it.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut head = [0u8; 64];
+            let _ = stream.read(&mut head).await.expect("read");
+            stream.write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 3\r\n\r\nbig").await.expect("write");
+            // Hold the connection until the client lets go of it.
+            let _ = stream.read_to_end(&mut Vec::new()).await;
+        });
+        let body = RequestBody::Whole(Some(Bytes::from(vec![b'x'; 32 << 20])));
+        let response = open(addr).await.send(request(Method::PUT, body)).await.expect("the early answer");
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let (data, _, conn) = read_all(response).await;
+        assert_eq!(data, b"big");
+        assert!(conn.is_none(), "a connection with half a request on it was kept");
+        server.await.expect("server");
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_hands_over_the_connection_with_what_followed_the_head() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            read_request(&mut stream).await;
+            stream
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: echo\r\nconnection: upgrade\r\n\r\nhi")
+                .await
+                .expect("write");
+            let mut ping = [0u8; 4];
+            stream.read_exact(&mut ping).await.expect("ping");
+            stream.write_all(&ping).await.expect("echo");
+        });
+        let response = open(addr).await.send(get()).await.expect("a response");
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        let mut tunnel = response.into_body().into_upgraded().expect("the connection");
+        let mut hi = [0u8; 2];
+        tunnel.read_exact(&mut hi).await.expect("early bytes");
+        assert_eq!(&hi, b"hi");
+        tunnel.write_all(b"ping").await.expect("write");
+        let mut echo = [0u8; 4];
+        tunnel.read_exact(&mut echo).await.expect("echo");
+        assert_eq!(&echo, b"ping");
+        server.await.expect("server");
+    }
+
+    #[tokio::test]
+    async fn an_idempotent_request_on_a_connection_the_server_closed_is_given_back() {
+        for (method, given_back) in [(Method::GET, true), (Method::POST, false)] {
+            // One answer, then the server closes: the keep-alive race, lost.
+            let (addr, server) = scripted(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"]).await;
+            let response = open(addr).await.send(get()).await.expect("a response");
+            let conn = read_all(response).await.2.expect("reusable");
+            server.await.expect("server");
+            let sent = conn.send(request(method.clone(), RequestBody::Empty)).await;
+            let Err(SendError { unsent, .. }) = sent else { panic!("{method}: an answer from a closed connection") };
+            assert_eq!(unsent.is_some(), given_back, "{method}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fresh_connections_failure_is_not_retried() {
+        let (addr, server) = scripted(vec![]).await;
+        let conn = open(addr).await;
+        server.await.expect("server");
+        let sent = conn.send(get()).await;
+        assert!(matches!(sent, Err(SendError { unsent: None, .. })), "{sent:?}");
     }
 }

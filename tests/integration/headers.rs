@@ -57,3 +57,32 @@ async fn a_client_cannot_strip_forwarding_headers_through_connection() {
     assert_eq!(seen["x-forwarded-proto"], "http");
     assert_eq!(seen["via"], "1.1 switchyard");
 }
+
+#[tokio::test]
+async fn a_chunked_upload_reaches_the_server_whole_with_its_trailers() {
+    use http_body_util::BodyExt;
+    let blue = TestServer::with_handler("blue", |req| async {
+        let chunked = req.headers().get("transfer-encoding").is_some_and(|v| v == "chunked");
+        let collected = req.into_body().collect().await.expect("the whole upload");
+        let checksum = collected.trailers().and_then(|t| t.get("x-checksum")).cloned();
+        let mut r = Response::new(text(collected.to_bytes()));
+        r.headers_mut()
+            .insert("x-upstream-chunked", http::HeaderValue::from_static(if chunked { "yes" } else { "no" }));
+        if let Some(checksum) = checksum {
+            r.headers_mut().insert("x-checksum", checksum);
+        }
+        r
+    })
+    .await;
+    let proxy = TestProxy::start(&all_to("blue", &[&blue])).await;
+    let answer = raw_exchange(
+        proxy.addr,
+        b"POST /upload HTTP/1.1\r\nhost: agent\r\nconnection: close\r\nte: trailers\r\ntrailer: x-checksum\r\n\
+          transfer-encoding: chunked\r\n\r\n6\r\nhello \r\n5;part=2\r\nagent\r\n0\r\nx-checksum: 11\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("x-upstream-chunked: yes"), "{answer}");
+    assert!(answer.contains("x-checksum: 11"), "the trailer did not reach the server: {answer}");
+    assert!(answer.ends_with("hello agent"), "{answer}");
+}
