@@ -344,8 +344,14 @@ impl<'t> Outbound<'t> {
             traffic.record(StatusCode::SWITCHING_PROTOCOLS, Some(latency));
             let protocol = response.headers().get(header::UPGRADE).cloned();
             let (mut parts, body) = response.into_parts();
+            // A 101 from `send` always carries its connection; this is only for the type.
             let Some(server_upgrade) = body.into_upgraded() else {
-                return Err(ProxyError::UnaskedUpgrade { route: route.name.clone(), backend: backend.name.clone() });
+                return Err(ProxyError::Upstream {
+                    route: route.name.clone(),
+                    backend: backend.name.clone(),
+                    server: in_flight.server().label.clone(),
+                    source: upstream::Error::Malformed("a 101 without its connection"),
+                });
             };
             headers::strip_hop_by_hop(&mut parts.headers);
             parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));

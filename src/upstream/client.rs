@@ -13,7 +13,7 @@
 //! with not one byte more in the buffer, from a server that did not ask to close.
 
 use std::future::poll_fn;
-use std::io;
+use std::io::{self, Write as _};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll, Waker};
@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use super::RequestBody;
 
 /// The most a response head (status line and headers) may take.
-pub const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEAD: usize = 64 * 1024;
 /// The most header lines a response head may have.
 const MAX_HEADERS: usize = 100;
 /// What one read asks the kernel for.
@@ -107,9 +107,10 @@ impl Connection {
     /// the request went out (the keep-alive race), and a fresh connection can take it.
     pub async fn send(mut self, req: Request<RequestBody>) -> Result<Response<Body>, SendError> {
         let (parts, mut body) = req.into_parts();
-        let framing = Framing::of_request(&parts.headers, &body);
+        let declared = parts.headers.get(header::CONTENT_LENGTH);
+        let framing = Framing::of_request(declared, &body);
         self.head.clear();
-        encode_head(&mut self.head, &parts, framing);
+        encode_head(&mut self.head, &parts, framing, declared.is_some());
         let head_request = parts.method == Method::HEAD;
 
         if framing == Framing::Length(0) {
@@ -317,9 +318,9 @@ enum Framing {
 
 impl Framing {
     /// How a request's body goes out. Its `Transfer-Encoding` was removed as hop-by-hop;
-    /// a `Content-Length` the client sent stands (hyper checked it).
-    fn of_request(headers: &HeaderMap, body: &RequestBody) -> Framing {
-        if let Some(length) = headers.get(header::CONTENT_LENGTH).and_then(|v| content_length(v.as_bytes())) {
+    /// the `Content-Length` the client `declared` stands (hyper checked it).
+    fn of_request(declared: Option<&HeaderValue>, body: &RequestBody) -> Framing {
+        if let Some(length) = declared.and_then(|v| content_length(v.as_bytes())) {
             return Framing::Length(length);
         }
         if body.is_end_stream() {
@@ -377,19 +378,14 @@ fn content_length(value: &[u8]) -> Option<u64> {
     length
 }
 
-/// Writes the request line and headers, with the framing header for `framing`.
-fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, framing: Framing) {
+/// Writes the request line and headers, with the framing header for `framing` unless the
+/// request already has its `Content-Length` (`has_length`).
+fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, framing: Framing, has_length: bool) {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    let has_length = parts.headers.contains_key(header::CONTENT_LENGTH);
+    put_fields(out, &parts.headers);
     match framing {
         Framing::Length(0) if !has_length && matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) => {
             // A server may wait for a body it was not told is empty.
@@ -397,15 +393,23 @@ fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, framing: Framing
         }
         Framing::Length(0) => {}
         Framing::Length(length) if !has_length => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(length.to_string().as_bytes());
-            out.extend_from_slice(b"\r\n");
+            let _ = write!(out, "content-length: {length}\r\n");
         }
         // A request is never close-delimited (`of_request`).
         Framing::Length(_) | Framing::Close => {}
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Writes each field as a `name: value` line.
+fn put_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
+    for (name, value) in fields {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 /// Streams the request's body to the server, framed as `framing` says.
@@ -429,7 +433,7 @@ async fn write_body<W: AsyncWrite + Unpin>(w: &mut W, body: &mut RequestBody, fr
                     }
                     None => {
                         out.clear();
-                        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                        let _ = write!(out, "{:x}\r\n", data.len());
                         out.extend_from_slice(&data);
                         out.extend_from_slice(b"\r\n");
                         w.write_all(&out).await?;
@@ -442,12 +446,7 @@ async fn write_body<W: AsyncWrite + Unpin>(w: &mut W, body: &mut RequestBody, fr
         if let (Ok(trailers), None) = (frame.into_trailers(), left) {
             out.clear();
             out.extend_from_slice(b"0\r\n");
-            for (name, value) in &trailers {
-                out.extend_from_slice(name.as_str().as_bytes());
-                out.extend_from_slice(b": ");
-                out.extend_from_slice(value.as_bytes());
-                out.extend_from_slice(b"\r\n");
-            }
+            put_fields(&mut out, &trailers);
             out.extend_from_slice(b"\r\n");
             return Ok(w.write_all(&out).await?);
         }
@@ -699,10 +698,7 @@ mod tests {
     /// in any grouping. It closes the connection after the last answer, and returns the
     /// requests as it read them.
     async fn scripted(answers: Vec<&'static [u8]>) -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let task = tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.expect("accept");
+        serve_one(|mut stream| async move {
             stream.set_nodelay(true).expect("nodelay");
             let mut seen = Vec::new();
             for answer in answers {
@@ -714,7 +710,20 @@ mod tests {
                 }
             }
             seen
-        });
+        })
+        .await
+    }
+
+    /// A server on 127.0.0.1 that hands its one connection to `serve`.
+    async fn serve_one<F, Fut, T>(serve: F) -> (SocketAddr, tokio::task::JoinHandle<T>)
+    where
+        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T> + Send,
+        T: Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move { serve(listener.accept().await.expect("accept").0).await });
         (addr, task)
     }
 
@@ -923,16 +932,14 @@ mod tests {
     async fn a_server_that_answers_before_reading_the_body_is_heard_and_its_connection_dropped() {
         // The server reads nothing of the 32 MiB body, which cannot all fit in the
         // sockets' buffers, and refuses it.
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let server = tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.expect("accept");
+        let (addr, server) = serve_one(|mut stream| async move {
             let mut head = [0u8; 64];
             let _ = stream.read(&mut head).await.expect("read");
             stream.write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 3\r\n\r\nbig").await.expect("write");
             // Hold the connection until the client lets go of it.
             let _ = stream.read_to_end(&mut Vec::new()).await;
-        });
+        })
+        .await;
         let body = RequestBody::Whole(Some(Bytes::from(vec![b'x'; 32 << 20])));
         let response = open(addr).await.send(request(Method::PUT, body)).await.expect("the early answer");
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
@@ -944,10 +951,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_upgrade_hands_over_the_connection_with_what_followed_the_head() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let server = tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.expect("accept");
+        let (addr, server) = serve_one(|mut stream| async move {
             read_request(&mut stream).await;
             stream
                 .write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: echo\r\nconnection: upgrade\r\n\r\nhi")
@@ -956,7 +960,8 @@ mod tests {
             let mut ping = [0u8; 4];
             stream.read_exact(&mut ping).await.expect("ping");
             stream.write_all(&ping).await.expect("echo");
-        });
+        })
+        .await;
         let response = open(addr).await.send(get()).await.expect("a response");
         assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
         let mut tunnel = response.into_body().into_upgraded().expect("the connection");
