@@ -19,8 +19,10 @@ mod listener;
 mod tunnel;
 
 use std::convert::Infallible;
+use std::future::Future as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::BytesMut;
 use http::header::{self, HeaderValue};
@@ -518,72 +520,30 @@ async fn attempts(
                 }
             },
         };
-        let sent = {
+        let waited = {
+            // Made where they are pinned, and waited on together by hand: the send is most
+            // of this future's size, and `timeout` and `select!` each moved it once more.
+            let send = conn.send(req);
+            let timeout = tokio::time::sleep(route.request_timeout);
             let cut = in_flight.cut_signal();
-            let deadline = async {
-                if !in_flight.is_cut() {
-                    cut.await;
-                }
-            };
-            tokio::select! {
-                biased;
-                sent = tokio::time::timeout(route.request_timeout, conn.send(req)) => Some(sent),
-                () = deadline => None,
-            }
-        };
-        let Some(sent) = sent else {
-            // A drain deadline passed. Dropping the send cancelled the request upstream
-            // (its connection closes with it).
-            let drain_cut = |why| ProxyError::DrainCut {
-                route: route.name.clone(),
-                backend: backend.name.clone(),
-                server: server.label.clone(),
-                why,
-            };
-            let Some(again) = replay.take() else {
-                server.drained.note(DrainOutcome::Cut);
-                return Err(drain_cut(if !replayable {
-                    " (only GET, HEAD and OPTIONS without a body are replayed)"
-                } else if replayed {
-                    "; it was already replayed once"
-                } else if alone {
-                    "; its backend has no other server to replay it on"
+            let cut_already = in_flight.is_cut();
+            tokio::pin!(send, timeout, cut);
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(sent) = send.as_mut().poll(cx) {
+                    Poll::Ready(Waited::Sent(sent))
+                } else if timeout.as_mut().poll(cx).is_ready() {
+                    Poll::Ready(Waited::TimedOut)
+                } else if cut_already || cut.as_mut().poll(cx).is_ready() {
+                    Poll::Ready(Waited::Cut)
                 } else {
-                    "; its head could not be copied to replay it"
-                }));
-            };
-            let Some(other) = backend.pick_server(sticky_hash, Some(&server)) else {
-                server.drained.note(DrainOutcome::Cut);
-                return Err(drain_cut("; no other server of the backend is in rotation to replay it on"));
-            };
-            server.drained.note(DrainOutcome::Replayed);
-            tracing::info!(route = %route.name, backend = %backend.name, from = %server.label, to = %other.label, "drain deadline: request replayed on another server");
-            server = other.clone();
-            req = *again;
-            replayed = true;
-            continue;
+                    Poll::Pending
+                }
+            })
+            .await
         };
-        match sent {
-            Ok(Ok(response)) => {
-                let answered = outcome(backend, &server, response.status().is_server_error(), started);
-                return Ok((response, in_flight, answered));
-            }
-            // The pooled connection closed under us before an answer: the server did not
-            // take the request, so a fresh connection can.
-            Ok(Err(SendError { unsent: Some(unsent), error })) => {
-                tracing::debug!(server = %server.label, %error, "pooled connection was closed; reconnecting");
-                req = *unsent;
-            }
-            Ok(Err(SendError { error, .. })) => {
-                outcome(backend, &server, true, started);
-                return Err(ProxyError::Upstream {
-                    route: route.name.clone(),
-                    backend: backend.name.clone(),
-                    server: server.label.clone(),
-                    source: error,
-                });
-            }
-            Err(_) => {
+        let sent = match waited {
+            Waited::Sent(sent) => sent,
+            Waited::TimedOut => {
                 outcome(backend, &server, true, started);
                 return Err(ProxyError::Timeout {
                     route: route.name.clone(),
@@ -592,8 +552,71 @@ async fn attempts(
                     after: route.request_timeout,
                 });
             }
+            Waited::Cut => {
+                // A drain deadline passed. Dropping the send cancelled the request
+                // upstream (its connection closes with it).
+                let drain_cut = |why| ProxyError::DrainCut {
+                    route: route.name.clone(),
+                    backend: backend.name.clone(),
+                    server: server.label.clone(),
+                    why,
+                };
+                let Some(again) = replay.take() else {
+                    server.drained.note(DrainOutcome::Cut);
+                    return Err(drain_cut(if !replayable {
+                        " (only GET, HEAD and OPTIONS without a body are replayed)"
+                    } else if replayed {
+                        "; it was already replayed once"
+                    } else if alone {
+                        "; its backend has no other server to replay it on"
+                    } else {
+                        "; its head could not be copied to replay it"
+                    }));
+                };
+                let Some(other) = backend.pick_server(sticky_hash, Some(&server)) else {
+                    server.drained.note(DrainOutcome::Cut);
+                    return Err(drain_cut("; no other server of the backend is in rotation to replay it on"));
+                };
+                server.drained.note(DrainOutcome::Replayed);
+                tracing::info!(route = %route.name, backend = %backend.name, from = %server.label, to = %other.label, "drain deadline: request replayed on another server");
+                server = other.clone();
+                req = *again;
+                replayed = true;
+                continue;
+            }
+        };
+        match sent {
+            Ok(response) => {
+                let answered = outcome(backend, &server, response.status().is_server_error(), started);
+                return Ok((response, in_flight, answered));
+            }
+            // The pooled connection closed under us before an answer: the server did not
+            // take the request, so a fresh connection can.
+            Err(SendError { unsent: Some(unsent), error }) => {
+                tracing::debug!(server = %server.label, %error, "pooled connection was closed; reconnecting");
+                req = *unsent;
+            }
+            Err(SendError { error, .. }) => {
+                outcome(backend, &server, true, started);
+                return Err(ProxyError::Upstream {
+                    route: route.name.clone(),
+                    backend: backend.name.clone(),
+                    server: server.label.clone(),
+                    source: error,
+                });
+            }
         }
     }
+}
+
+/// How the wait for a response head ended.
+#[expect(clippy::large_enum_variant, reason = "a value of one match, on the stack; boxing would allocate per request")]
+enum Waited {
+    Sent(Result<Response<upstream::ResponseBody>, SendError>),
+    /// The route's `request_timeout` passed first.
+    TimedOut,
+    /// A drain deadline passed on the server first.
+    Cut,
 }
 
 /// Whether a drain deadline may replay the request: GET, HEAD or OPTIONS, with no body.

@@ -106,7 +106,7 @@ impl Connection {
     /// [`SendError::unsent`]: the server most likely closed the idle connection just as
     /// the request went out (the keep-alive race), and a fresh connection can take it.
     pub async fn send(mut self, req: Request<RequestBody>) -> Result<Response<Body>, SendError> {
-        let (parts, mut body) = req.into_parts();
+        let (parts, body) = req.into_parts();
         let declared = parts.headers.get(header::CONTENT_LENGTH);
         let framing = Framing::of_request(declared, &body);
         self.head.clear();
@@ -132,8 +132,20 @@ impl Connection {
             };
         }
 
-        // A body is written while the response head is awaited: a server may answer
-        // (413, 401) before it has read all of it.
+        // Boxed: this path's state (the body's writer beside the head's reader) would
+        // otherwise make every request's future, and each move of it, twice the size.
+        Box::pin(self.send_body(body, framing, head_request)).await
+    }
+
+    /// [`send`](Self::send) for a request with a body, its head encoded already. The body
+    /// is written while the response head is awaited: a server may answer (413, 401)
+    /// before it has read all of it.
+    async fn send_body(
+        mut self,
+        mut body: RequestBody,
+        framing: Framing,
+        head_request: bool,
+    ) -> Result<Response<Body>, SendError> {
         let (answer, written) = {
             let Connection { io, read, head, fields, .. } = &mut self;
             let (mut reader, mut writer) = io.split();
