@@ -19,6 +19,7 @@ pub mod app;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod headers;
 pub mod health;
 pub mod metrics;
 pub mod mirror;

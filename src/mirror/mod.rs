@@ -38,6 +38,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::config::{MirrorSpec, ALL};
+use crate::headers::Forward;
 use crate::routes::{Backend, DEFAULT_WINDOW};
 use crate::stats::Stats;
 use crate::upstream::{self, Connection, Pool, RequestBody, SendError};
@@ -269,11 +270,11 @@ impl Mirror {
         self.state.counts[outcome as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Starts the copy of a sampled request, whose head (as the primary gets it) is
-    /// `parts`. Returns the body to send the primary (a [`Tee`] when there is a body to
+    /// Starts the copy of a sampled request, whose head is `parts`, changed as `forward`
+    /// says on its way (as the primary's is). Returns the body to send the primary (a [`Tee`] when there is a body to
     /// copy) and, with `compare`, the watch the primary's answer goes through. A request
     /// that cannot be mirrored is counted and goes on as it is.
-    pub fn start(self: &Arc<Self>, parts: &Parts, body: Incoming) -> (RequestBody, Option<Primary>) {
+    pub fn start(self: &Arc<Self>, parts: &Parts, forward: &Forward, body: Incoming) -> (RequestBody, Option<Primary>) {
         self.state.sampled.fetch_add(1, Ordering::Relaxed);
         let has_body = !body.is_end_stream();
         if has_body && body.size_hint().lower() > self.spec.max_body {
@@ -310,7 +311,7 @@ impl Mirror {
         } else {
             (None, None)
         };
-        tokio::spawn(self.clone().copy(head, copy, answer, slot));
+        tokio::spawn(self.clone().copy(head, forward.clone(), copy, answer, slot));
         (body, primary)
     }
 
@@ -321,6 +322,7 @@ impl Mirror {
     async fn copy(
         self: Arc<Self>,
         head: Parts,
+        forward: Forward,
         body: CopyBody,
         primary: Option<oneshot::Receiver<Reading>>,
         _slot: Slot,
@@ -334,7 +336,7 @@ impl Mirror {
             },
         };
         let (method, uri) = (head.method.clone(), head.uri.clone());
-        let shadow = match self.exchange(head, body).await {
+        let shadow = match self.exchange(head, &forward, body).await {
             Ok(shadow) => shadow,
             Err(error) => {
                 // Counted at once: the primary's answer (its receiver dropped here) would
@@ -389,7 +391,7 @@ impl Mirror {
     }
 
     /// Sends the copy to a shadow server in rotation and reads its answer.
-    async fn exchange(&self, head: Parts, body: RequestBody) -> Result<Reading, String> {
+    async fn exchange(&self, head: Parts, forward: &Forward, body: RequestBody) -> Result<Reading, String> {
         // A random server in rotation: scan from a random start.
         let servers = &self.shadow.servers;
         let start = fastrand::usize(0..servers.len().max(1));
@@ -408,7 +410,7 @@ impl Mirror {
                 Some(conn) => conn,
                 None => upstream::connect(server.addr, connect_timeout).await.map_err(|e| e.to_string())?,
             };
-            match tokio::time::timeout(timeout.saturating_sub(started.elapsed()), conn.send(req)).await {
+            match tokio::time::timeout(timeout.saturating_sub(started.elapsed()), conn.send(req, Some(forward))).await {
                 Err(_) => return Err(format!("shadow {} sent no response head within {timeout:?}", server.label)),
                 Ok(Ok(response)) => break response,
                 // A pooled connection closed under us before an answer: a fresh one.

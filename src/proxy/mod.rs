@@ -14,7 +14,6 @@ mod body;
 mod boundary;
 mod conn;
 mod error;
-mod headers;
 mod listener;
 mod tunnel;
 
@@ -44,13 +43,13 @@ pub use error::ProxyError;
 pub use listener::bind;
 
 use crate::config::Sticky;
+use crate::headers::{self, ConnectionOptions, Forward};
 use crate::metrics::Traffic;
 use crate::mirror::shape::Kind;
 use crate::mirror::{Primary, MIRROR_HEADER};
 use crate::routes::{self, Backend, DrainOutcome, InFlight, Route, Server, Table, TableReader};
 use crate::upstream::{self, RequestBody, SendError};
 use conn::{ClientIo, ConnShared, Speaks, Timeouts, H2_PREFACE};
-use headers::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 
 /// Extra hyper read buffer above the configured header limit, so that a head just over
 /// the limit still reaches the handler and gets a 431 with a body naming the cause.
@@ -207,8 +206,10 @@ struct Outbound<'t> {
     sticky_hash: Option<u64>,
     /// The sticky cookie to set, when the client had none.
     new_cookie: Option<HeaderValue>,
-    /// The protocol the client asked to upgrade to, and its side of the upgrade.
-    upgrade: Option<(HeaderValue, OnUpgrade)>,
+    /// The client's side of an upgrade it asked for (the protocol is in `forward`).
+    upgrade: Option<OnUpgrade>,
+    /// How the request's head changes on its way.
+    forward: Forward,
     /// The primary's half of a mirrored request.
     primary: Option<Primary>,
 }
@@ -262,34 +263,21 @@ impl<'t> Outbound<'t> {
             return Err(e);
         };
 
-        let upgrade = requested_upgrade(&req).map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
-
+        let connection = ConnectionOptions::of(req.headers());
+        let asked = requested_upgrade(&req, &connection);
+        let upgrade = asked.is_some().then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let client_version = parts.version;
-        headers::strip_hop_by_hop(&mut parts.headers);
-        if let Some((protocol, _)) = &upgrade {
-            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            parts.headers.insert(header::UPGRADE, protocol.clone());
-        }
-        if let Some(host) = host {
-            if parts.uri.authority().is_some() || !parts.headers.contains_key(header::HOST) {
-                parts.headers.insert(header::HOST, host.clone());
-            }
-            parts.headers.insert(X_FORWARDED_HOST.clone(), host);
-        }
-        headers::append_to_list(&mut parts.headers, &X_FORWARDED_FOR, &client.ip);
-        // Constants, so that the values are checked once, when compiling, not per request.
-        const HTTP: HeaderValue = HeaderValue::from_static("http");
-        const VIA_2: HeaderValue = HeaderValue::from_static("2.0 switchyard");
-        const VIA_1_0: HeaderValue = HeaderValue::from_static("1.0 switchyard");
-        const VIA_1_1: HeaderValue = HeaderValue::from_static("1.1 switchyard");
-        parts.headers.insert(X_FORWARDED_PROTO.clone(), HTTP);
-        let via = match client_version {
-            Version::HTTP_2 => VIA_2,
-            Version::HTTP_10 => VIA_1_0,
-            _ => VIA_1_1,
+        let forward = Forward {
+            host,
+            client_ip: client.ip.clone(),
+            via: match parts.version {
+                Version::HTTP_2 => "2.0 switchyard",
+                Version::HTTP_10 => "1.0 switchyard",
+                _ => "1.1 switchyard",
+            },
+            upgrade: asked,
+            connection,
         };
-        headers::append_to_list(&mut parts.headers, &header::VIA, &via);
         if let Some(target) = target {
             parts.uri = target;
         }
@@ -300,14 +288,14 @@ impl<'t> Outbound<'t> {
                 // Only switchyard marks copies, so that the shadow can trust the mark.
                 parts.headers.remove(&MIRROR_HEADER);
                 if upgrade.is_none() && mirror.sampled() {
-                    mirror.start(&parts, body)
+                    mirror.start(&parts, &forward, body)
                 } else {
                     (RequestBody::Client(body), None)
                 }
             }
             None => (RequestBody::Client(body), None),
         };
-        let outbound = Outbound { route, backend, server, traffic, sticky_hash, new_cookie, upgrade, primary };
+        let outbound = Outbound { route, backend, server, traffic, sticky_hash, new_cookie, upgrade, forward, primary };
         Ok((outbound, Request::from_parts(parts, body)))
     }
 
@@ -320,7 +308,7 @@ impl<'t> Outbound<'t> {
         first: Option<Instant>,
         client: &Client,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        let Outbound { route, backend, traffic, new_cookie, upgrade, primary, .. } = self;
+        let Outbound { route, backend, traffic, new_cookie, upgrade, forward, primary, .. } = self;
         let (response, in_flight, answered) = match sent {
             Ok(sent) => sent,
             Err(e) => {
@@ -338,13 +326,12 @@ impl<'t> Outbound<'t> {
         let limits = &table.defaults;
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let Some((asked, client_upgrade)) = upgrade else {
+            let Some(client_upgrade) = upgrade else {
                 let e = ProxyError::UnaskedUpgrade { route: route.name.clone(), backend: backend.name.clone() };
                 traffic.record(e.status(), None);
                 return Err(e);
             };
             traffic.record(StatusCode::SWITCHING_PROTOCOLS, Some(latency));
-            let protocol = response.headers().get(header::UPGRADE).cloned();
             let (mut parts, body) = response.into_parts();
             // A 101 from `send` always carries its connection; this is only for the type.
             let Some(server_upgrade) = body.into_upgraded() else {
@@ -355,13 +342,10 @@ impl<'t> Outbound<'t> {
                     source: upstream::Error::Malformed("a 101 without its connection"),
                 });
             };
-            headers::strip_hop_by_hop(&mut parts.headers);
+            // The server's `Upgrade` came with its 101 (see `upstream::Connection::send`).
             parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            if let Some(protocol) = protocol {
-                parts.headers.insert(header::UPGRADE, protocol);
-            }
             client.shared.mark_upgraded();
-            let websocket = asked.as_bytes().eq_ignore_ascii_case(b"websocket");
+            let websocket = forward.upgrade.is_some_and(|asked| asked.as_bytes().eq_ignore_ascii_case(b"websocket"));
             client.proxy.connections.spawn(tunnel::run(
                 client_upgrade,
                 server_upgrade,
@@ -373,8 +357,8 @@ impl<'t> Outbound<'t> {
         }
 
         traffic.record(response.status(), Some(latency));
+        // Hop-by-hop headers were left out of the map as the head was read.
         let (mut parts, body) = response.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers);
         if let Some(cookie) = new_cookie {
             parts.headers.append(header::SET_COOKIE, cookie);
         }
@@ -523,7 +507,7 @@ async fn attempts(
         let waited = {
             // Made where they are pinned, and waited on together by hand: the send is most
             // of this future's size, and `timeout` and `select!` each moved it once more.
-            let send = conn.send(req);
+            let send = conn.send(req, Some(&outbound.forward));
             let timeout = tokio::time::sleep(route.request_timeout);
             let cut = in_flight.cut_signal();
             let cut_already = in_flight.is_cut();
@@ -693,8 +677,8 @@ fn request_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, ProxyErr
 /// The protocol a client asks to upgrade to, if it asks properly: HTTP/1.1, `Upgrade`
 /// named in `Connection`. An `h2c` upgrade is not honoured (we speak h2c by prior
 /// knowledge only); the request goes on as plain HTTP/1.1.
-fn requested_upgrade(req: &Request<Incoming>) -> Option<HeaderValue> {
-    if req.version() != Version::HTTP_11 || !headers::connection_has(req.headers(), "upgrade") {
+fn requested_upgrade(req: &Request<Incoming>, connection: &ConnectionOptions) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 || !connection.upgrade {
         return None;
     }
     req.headers().get(header::UPGRADE).filter(|p| !p.as_bytes().eq_ignore_ascii_case(b"h2c")).cloned()

@@ -26,6 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::RequestBody;
+use crate::headers::{is_hop_by_hop, put_field, ConnectionOptions, Forward};
 
 /// The most a response head (status line and headers) may take.
 const MAX_HEAD: usize = 64 * 1024;
@@ -105,12 +106,16 @@ impl Connection {
     /// connection before any byte of a response came back is given back in
     /// [`SendError::unsent`]: the server most likely closed the idle connection just as
     /// the request went out (the keep-alive race), and a fresh connection can take it.
-    pub async fn send(mut self, req: Request<RequestBody>) -> Result<Response<Body>, SendError> {
+    pub async fn send(
+        mut self,
+        req: Request<RequestBody>,
+        forward: Option<&Forward>,
+    ) -> Result<Response<Body>, SendError> {
         let (parts, body) = req.into_parts();
         let declared = parts.headers.get(header::CONTENT_LENGTH);
         let framing = Framing::of_request(declared, &body);
         self.head.clear();
-        encode_head(&mut self.head, &parts, framing, declared.is_some());
+        encode_head(&mut self.head, &parts, forward, framing, declared.is_some());
         let head_request = parts.method == Method::HEAD;
 
         if framing == Framing::Length(0) {
@@ -269,8 +274,18 @@ fn parse_head(buf: &mut BytesMut, fields: &mut Vec<Field>) -> Result<Option<Head
         fields.push((name, start, start + h.value.len()));
     }
     let head = buf.split_to(len).freeze();
+    // Hop-by-hop headers, and those `Connection` named, are read here and go no further;
+    // but a 101's `Upgrade` says what the connection speaks now, and stays.
+    let connection = &delimiters.connection;
+    let kept = |name: &HeaderName| {
+        !(is_hop_by_hop(name) && !(status == StatusCode::SWITCHING_PROTOCOLS && name == header::UPGRADE))
+            && !connection.names(name)
+    };
     let mut headers = HeaderMap::with_capacity(fields.len());
     for (name, start, end) in fields.drain(..) {
+        if !kept(&name) {
+            continue;
+        }
         let value =
             HeaderValue::from_maybe_shared(head.slice(start..end)).map_err(|_| Error::Malformed("bad header value"))?;
         headers.append(name, value);
@@ -288,8 +303,8 @@ struct Delimiters {
     length: Option<Option<u64>>,
     /// `Transfer-Encoding`: whether its last coding is `chunked`.
     chunked: Option<bool>,
-    /// `Connection: close`.
-    close: bool,
+    /// What `Connection` says: `close`, and the headers it names.
+    connection: ConnectionOptions,
 }
 
 impl Delimiters {
@@ -305,7 +320,7 @@ impl Delimiters {
             let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
             self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if name == header::CONNECTION {
-            self.close |= value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            self.connection.add(value);
         }
     }
 }
@@ -352,7 +367,7 @@ impl Framing {
         delimiters: &Delimiters,
         head_request: bool,
     ) -> Result<(Framing, bool), Error> {
-        let keep_alive = version == Version::HTTP_11 && !delimiters.close;
+        let keep_alive = version == Version::HTTP_11 && !delimiters.connection.close;
         if head_request
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
@@ -390,14 +405,24 @@ fn content_length(value: &[u8]) -> Option<u64> {
     length
 }
 
-/// Writes the request line and headers, with the framing header for `framing` unless the
-/// request already has its `Content-Length` (`has_length`).
-fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, framing: Framing, has_length: bool) {
+/// Writes the request line and headers, changed as `forward` says when it is a forwarded
+/// request, with the framing header for `framing` unless the request already has its
+/// `Content-Length` (`has_length`).
+fn encode_head(
+    out: &mut Vec<u8>,
+    parts: &http::request::Parts,
+    forward: Option<&Forward>,
+    framing: Framing,
+    has_length: bool,
+) {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    put_fields(out, &parts.headers);
+    match forward {
+        Some(forward) => forward.put_fields(out, &parts.headers),
+        None => put_fields(out, &parts.headers),
+    }
     match framing {
         Framing::Length(0) if !has_length && matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) => {
             // A server may wait for a body it was not told is empty.
@@ -417,10 +442,7 @@ fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, framing: Framing
 /// Writes each field as a `name: value` line.
 fn put_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
     for (name, value) in fields {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        put_field(out, name.as_str(), value.as_bytes());
     }
 }
 
@@ -811,13 +833,13 @@ mod tests {
             b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
         ])
         .await;
-        let response = open(addr).await.send(get()).await.expect("a response");
+        let response = open(addr).await.send(get(), None).await.expect("a response");
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()["x-agent"], "1");
         let (data, _, conn) = read_all(response).await;
         assert_eq!(data, b"hello");
         let conn = conn.expect("the connection, reusable");
-        let response = conn.send(request(Method::DELETE, RequestBody::Empty)).await.expect("a second response");
+        let response = conn.send(request(Method::DELETE, RequestBody::Empty), None).await.expect("a second response");
         assert_eq!(response.status(), StatusCode::CREATED);
         assert_eq!(read_all(response).await.0, b"ok");
         let seen = server.await.expect("server");
@@ -826,12 +848,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_responses_hop_by_hop_headers_are_read_and_left_out() {
+        let (addr, _server) = scripted(vec![
+            b"HTTP/1.1 200 OK\r\nConnection: X-Private, keep-alive\r\nKeep-Alive: timeout=5\r\n\
+              X-Private: 1\r\nUpgrade: nothing\r\nProxy-Authenticate: Basic\r\nx-agent: 1\r\n\
+              Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+        ])
+        .await;
+        let response = open(addr).await.send(get(), None).await.expect("a response");
+        let names: Vec<_> = response.headers().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-agent"]);
+        // ... and still obeyed: the body was chunked, and the connection may go on.
+        let (data, _, conn) = read_all(response).await;
+        assert_eq!(data, b"ok");
+        let response = conn.expect("reusable").send(get(), None).await.expect("a second response");
+        let names: Vec<_> = response.headers().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["content-length"]);
+        assert!(read_all(response).await.2.is_none(), "`Connection: close` was obeyed");
+    }
+
+    #[tokio::test]
     async fn a_chunked_response_is_decoded_with_its_extensions_and_trailers() {
         let (addr, _server) = scripted(vec![
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-sum: 11\r\n\r\n",
         ])
         .await;
-        let response = open(addr).await.send(get()).await.expect("a response");
+        let response = open(addr).await.send(get(), None).await.expect("a response");
         let (data, trailers, conn) = read_all(response).await;
         assert_eq!(data, b"hello world");
         assert_eq!(trailers.expect("trailers")["x-sum"], "11");
@@ -852,7 +895,7 @@ mod tests {
         ];
         for (answer, body) in cases {
             let (addr, _server) = scripted(vec![answer]).await;
-            let response = open(addr).await.send(get()).await.expect("a response");
+            let response = open(addr).await.send(get(), None).await.expect("a response");
             let (data, _, conn) = read_all(response).await;
             assert_eq!(data, body, "{:?}", String::from_utf8_lossy(answer));
             assert!(conn.is_none(), "reused after {:?}", String::from_utf8_lossy(answer));
@@ -867,7 +910,7 @@ mod tests {
             (Method::GET, b"HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n"),
         ] {
             let (addr, _server) = scripted(vec![answer]).await;
-            let response = open(addr).await.send(request(method, RequestBody::Empty)).await.expect("a response");
+            let response = open(addr).await.send(request(method, RequestBody::Empty), None).await.expect("a response");
             assert!(response.body().is_end_stream());
             let (data, _, conn) = read_all(response).await;
             assert!(data.is_empty());
@@ -881,7 +924,7 @@ mod tests {
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
         ])
         .await;
-        let response = open(addr).await.send(get()).await.expect("a response");
+        let response = open(addr).await.send(get(), None).await.expect("a response");
         assert_eq!(response.status(), StatusCode::OK);
         assert!(response.headers().get("link").is_none());
         assert_eq!(read_all(response).await.0, b"ok");
@@ -896,7 +939,7 @@ mod tests {
             b"SMTP ready\r\n\r\n",
         ] {
             let (addr, _server) = scripted(vec![answer]).await;
-            let sent = open(addr).await.send(get()).await;
+            let sent = open(addr).await.send(get(), None).await;
             assert!(sent.is_err(), "accepted {:?}", String::from_utf8_lossy(answer));
         }
         for answer in [
@@ -906,7 +949,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nok",
         ] {
             let (addr, _server) = scripted(vec![answer]).await;
-            let mut body = open(addr).await.send(get()).await.expect("a head").into_body();
+            let mut body = open(addr).await.send(get(), None).await.expect("a head").into_body();
             let mut failed = false;
             while let Some(frame) = body.frame().await {
                 failed |= frame.is_err();
@@ -921,7 +964,7 @@ mod tests {
         let answer: &'static [u8] =
             format!("HTTP/1.1 200 OK\r\nx-big: {}\r\n\r\n", "a".repeat(MAX_HEAD)).leak().as_bytes();
         let (addr, _server) = scripted(vec![answer]).await;
-        let sent = open(addr).await.send(get()).await;
+        let sent = open(addr).await.send(get(), None).await;
         assert!(matches!(sent, Err(SendError { error: Error::HeadTooLarge, .. })), "{sent:?}");
     }
 
@@ -929,13 +972,14 @@ mod tests {
     async fn a_request_body_goes_out_with_its_length() {
         let (addr, server) = scripted(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"]).await;
         let body = RequestBody::Whole(Some(Bytes::from_static(b"{\"q\":1}")));
-        let response = open(addr).await.send(request(Method::POST, body)).await.expect("a response");
+        let response = open(addr).await.send(request(Method::POST, body), None).await.expect("a response");
         assert!(read_all(response).await.2.is_some());
         let seen = server.await.expect("server");
         assert!(seen[0].ends_with("content-length: 7\r\n\r\n{\"q\":1}"), "{}", seen[0]);
         // Without a body, a POST still says so.
         let (addr, server) = scripted(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"]).await;
-        let response = open(addr).await.send(request(Method::POST, RequestBody::Empty)).await.expect("a response");
+        let response =
+            open(addr).await.send(request(Method::POST, RequestBody::Empty), None).await.expect("a response");
         drop(response);
         assert!(server.await.expect("server")[0].ends_with("content-length: 0\r\n\r\n"));
     }
@@ -953,7 +997,7 @@ mod tests {
         })
         .await;
         let body = RequestBody::Whole(Some(Bytes::from(vec![b'x'; 32 << 20])));
-        let response = open(addr).await.send(request(Method::PUT, body)).await.expect("the early answer");
+        let response = open(addr).await.send(request(Method::PUT, body), None).await.expect("the early answer");
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
         let (data, _, conn) = read_all(response).await;
         assert_eq!(data, b"big");
@@ -974,8 +1018,11 @@ mod tests {
             stream.write_all(&ping).await.expect("echo");
         })
         .await;
-        let response = open(addr).await.send(get()).await.expect("a response");
+        let response = open(addr).await.send(get(), None).await.expect("a response");
         assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        // What the connection speaks now stays with the 101; the connection's own header goes.
+        assert_eq!(response.headers()["upgrade"], "echo");
+        assert!(response.headers().get("connection").is_none(), "{:?}", response.headers());
         let mut tunnel = response.into_body().into_upgraded().expect("the connection");
         let mut hi = [0u8; 2];
         tunnel.read_exact(&mut hi).await.expect("early bytes");
@@ -992,10 +1039,10 @@ mod tests {
         for (method, given_back) in [(Method::GET, true), (Method::POST, false)] {
             // One answer, then the server closes: the keep-alive race, lost.
             let (addr, server) = scripted(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"]).await;
-            let response = open(addr).await.send(get()).await.expect("a response");
+            let response = open(addr).await.send(get(), None).await.expect("a response");
             let conn = read_all(response).await.2.expect("reusable");
             server.await.expect("server");
-            let sent = conn.send(request(method.clone(), RequestBody::Empty)).await;
+            let sent = conn.send(request(method.clone(), RequestBody::Empty), None).await;
             let Err(SendError { unsent, .. }) = sent else { panic!("{method}: an answer from a closed connection") };
             assert_eq!(unsent.is_some(), given_back, "{method}");
         }
@@ -1006,7 +1053,7 @@ mod tests {
         let (addr, server) = scripted(vec![]).await;
         let conn = open(addr).await;
         server.await.expect("server");
-        let sent = conn.send(get()).await;
+        let sent = conn.send(get(), None).await;
         assert!(matches!(sent, Err(SendError { unsent: None, .. })), "{sent:?}");
     }
 }

@@ -1,0 +1,327 @@
+//! Header rules for a proxy: what must not cross a hop, and what a proxy adds.
+//!
+//! They are applied while heads are written and read, not by editing header maps: a
+//! request's forwarded head is written from the client's map, leaving out what must not
+//! cross and adding what a proxy adds ([`Forward`]), and a response's hop-by-hop headers
+//! are never put in its map (the upstream client reads them, see [`is_hop_by_hop`]).
+//! Editing the maps cost a hashed lookup or insert per rule, on every request.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// What the rules do with a request header, by its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rule {
+    /// Crosses as it is.
+    Pass,
+    /// Describes one connection, not the message (RFC 9110, 7.6.1), plus
+    /// `Proxy-Connection` (a de-facto one) and the proxy credentials meant for us.
+    /// `Upgrade` is one too; a forwarded upgrade gets ours.
+    HopByHop,
+    /// Replaced by ours: `Host`, `X-Forwarded-Host`, `X-Forwarded-Proto`.
+    Replaced,
+    /// A list ours is appended to: `X-Forwarded-For`, `Via`.
+    Appended,
+}
+
+/// One match on the name's text (its length first); comparing it with each name in turn
+/// cost several times as much.
+fn rule(name: &HeaderName) -> Rule {
+    match name.as_str() {
+        "connection"
+        | "keep-alive"
+        | "proxy-connection"
+        | "proxy-authenticate"
+        | "proxy-authorization"
+        | "te"
+        | "trailer"
+        | "transfer-encoding"
+        | "upgrade" => Rule::HopByHop,
+        "host" | "x-forwarded-host" | "x-forwarded-proto" => Rule::Replaced,
+        "x-forwarded-for" | "via" => Rule::Appended,
+        _ => Rule::Pass,
+    }
+}
+
+/// Whether a header describes one connection only, and must not be forwarded.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    rule(name) == Rule::HopByHop
+}
+
+/// What a message's `Connection` headers say.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ConnectionOptions {
+    /// `close`: the connection ends after this message.
+    pub close: bool,
+    /// `upgrade`: the `Upgrade` header is meant.
+    pub upgrade: bool,
+    /// Other headers named, which are hop-by-hop too; empty (and unallocated) but for
+    /// the odd message.
+    pub named: Vec<HeaderName>,
+}
+
+impl ConnectionOptions {
+    /// The options of every `Connection` header in `headers`.
+    pub fn of(headers: &HeaderMap) -> ConnectionOptions {
+        let mut options = ConnectionOptions::default();
+        for value in headers.get_all(header::CONNECTION) {
+            options.add(value.as_bytes());
+        }
+        options
+    }
+
+    /// Adds one `Connection` value's comma-separated options. Split as bytes: a value
+    /// that is not text (a byte over 0x7F somewhere on the line) must not hide the headers
+    /// it names.
+    pub fn add(&mut self, value: &[u8]) {
+        for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            if token.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if token.eq_ignore_ascii_case(b"upgrade") {
+                self.upgrade = true;
+            } else if let Ok(name) = HeaderName::from_bytes(token) {
+                // Hop-by-hop headers go anyway; only the others need naming.
+                if !is_hop_by_hop(&name) && !self.named.contains(&name) {
+                    self.named.push(name);
+                }
+            }
+        }
+    }
+
+    /// Whether `name` was named, and must go.
+    #[inline]
+    pub fn names(&self, name: &HeaderName) -> bool {
+        !self.named.is_empty() && self.named.contains(name)
+    }
+}
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// How a request's head changes on its way to a server.
+///
+/// Hop-by-hop headers and those the client's `Connection` named are left out, then
+/// `Host`, `X-Forwarded-Host` and `X-Forwarded-Proto` are ours, and ours is appended to
+/// `X-Forwarded-For` and `Via`: in that order, so that a client cannot strip ours by naming
+/// them in `Connection`.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    /// The host the request is for, sent as `Host` and `X-Forwarded-Host`.
+    pub host: Option<HeaderValue>,
+    /// The client's address, appended to `X-Forwarded-For`.
+    pub client_ip: HeaderValue,
+    /// Our `Via` entry.
+    pub via: &'static str,
+    /// The protocol of an upgrade that is forwarded, sent with `Connection: upgrade`.
+    pub upgrade: Option<HeaderValue>,
+    /// The client's `Connection` options.
+    pub connection: ConnectionOptions,
+}
+
+impl Forward {
+    /// Writes the forwarded header lines of a request whose own headers are `headers`.
+    pub fn put_fields(&self, out: &mut Vec<u8>, headers: &HeaderMap) {
+        let (mut forwarded_for, mut via) = (false, false);
+        for (name, value) in headers {
+            if self.connection.names(name) {
+                continue;
+            }
+            match rule(name) {
+                Rule::Pass => put_field(out, name.as_str(), value.as_bytes()),
+                Rule::HopByHop | Rule::Replaced => {}
+                Rule::Appended if name == X_FORWARDED_FOR => forwarded_for = true,
+                Rule::Appended => via = true,
+            }
+        }
+        if let Some(host) = &self.host {
+            put_field(out, "host", host.as_bytes());
+            put_field(out, "x-forwarded-host", host.as_bytes());
+        }
+        put_list(out, &X_FORWARDED_FOR, forwarded_for.then_some(headers), self.client_ip.as_bytes());
+        put_field(out, "x-forwarded-proto", b"http");
+        put_list(out, &header::VIA, via.then_some(headers), self.via.as_bytes());
+        if let Some(protocol) = &self.upgrade {
+            put_field(out, "connection", b"upgrade");
+            put_field(out, "upgrade", protocol.as_bytes());
+        }
+    }
+}
+
+/// Writes one `name: value` line.
+#[inline]
+pub fn put_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes a list header as one line: the values `headers` has of it, then `ours`.
+fn put_list(out: &mut Vec<u8>, name: &HeaderName, headers: Option<&HeaderMap>, ours: &[u8]) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    for value in headers.into_iter().flat_map(|h| h.get_all(name)) {
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(ours);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The size of a request head as limits count it: each header's name, value and the
+/// four bytes of `: ` and CRLF.
+pub fn head_size(headers: &HeaderMap) -> usize {
+    headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOP_BY_HOP: [&str; 9] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ];
+
+    fn map(fields: &[(&str, &[u8])]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in fields {
+            let name = HeaderName::from_bytes(name.as_bytes()).expect("a name");
+            h.append(name, HeaderValue::from_bytes(value).expect("a value"));
+        }
+        h
+    }
+
+    fn forward(headers: &HeaderMap) -> Forward {
+        Forward {
+            host: Some(HeaderValue::from_static("agent.example.com")),
+            client_ip: HeaderValue::from_static("10.0.0.9"),
+            via: "1.1 switchyard",
+            upgrade: None,
+            connection: ConnectionOptions::of(headers),
+        }
+    }
+
+    /// The lines `forward` writes for `headers`, as (name, value) in order.
+    fn forwarded(forward: &Forward, headers: &HeaderMap) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        forward.put_fields(&mut out, headers);
+        let text = String::from_utf8(out).expect("text");
+        assert!(text.ends_with("\r\n"), "{text:?}");
+        text.lines()
+            .map(|line| {
+                let (name, value) = line.split_once(": ").expect("a header line");
+                (name.to_string(), value.to_string())
+            })
+            .collect()
+    }
+
+    fn names(lines: &[(String, String)]) -> Vec<&str> {
+        lines.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    const OURS: [&str; 5] = ["host", "x-forwarded-host", "x-forwarded-for", "x-forwarded-proto", "via"];
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_left_out_and_ours_added() {
+        let h = map(&[
+            ("connection", b"keep-alive, X-Secret"),
+            ("keep-alive", b"timeout=5"),
+            ("x-secret", b"1"),
+            ("te", b"trailers"),
+            ("upgrade", b"websocket"),
+            ("x-kept", b"1"),
+        ]);
+        let lines = forwarded(&forward(&h), &h);
+        assert_eq!(names(&lines), [&["x-kept"][..], &OURS].concat());
+    }
+
+    #[test]
+    fn every_hop_by_hop_header_goes_alone_or_named_in_any_case() {
+        for name in HOP_BY_HOP {
+            assert!(is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
+            let h = map(&[(name, b"a"), (name, b"b"), ("x-kept", b"1")]);
+            assert_eq!(names(&forwarded(&forward(&h), &h)), [&["x-kept"][..], &OURS].concat(), "{name}");
+        }
+        for name in ["host", "x-connection", "x-forwarded-for", "via", "content-length"] {
+            assert!(!is_hop_by_hop(&HeaderName::from_bytes(name.as_bytes()).expect("a name")), "{name}");
+        }
+        let h =
+            map(&[("connection", b"Keep-Alive"), ("connection", b"X-One ,close"), ("x-one", b"1"), ("x-kept", b"1")]);
+        assert_eq!(names(&forwarded(&forward(&h), &h)), [&["x-kept"][..], &OURS].concat());
+        // A line that is not text still names its headers.
+        let h = map(&[("connection", b"X-Secret, caf\xe9"), ("x-secret", b"1"), ("x-kept", b"1")]);
+        assert_eq!(names(&forwarded(&forward(&h), &h)), [&["x-kept"][..], &OURS].concat());
+    }
+
+    #[test]
+    fn forwarding_headers_are_ours_and_lists_are_appended_to() {
+        let h = map(&[
+            ("host", b"client.example"),
+            ("x-forwarded-for", b"1.1.1.1"),
+            ("x-forwarded-for", b"2.2.2.2"),
+            ("x-forwarded-host", b"evil.example"),
+            ("x-forwarded-proto", b"https"),
+            ("via", b"1.1 edge"),
+        ]);
+        let lines = forwarded(&forward(&h), &h);
+        let value = |name: &str| {
+            let values: Vec<_> = lines.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_str()).collect();
+            assert_eq!(values.len(), 1, "{name} once: {lines:?}");
+            values[0].to_string()
+        };
+        assert_eq!(value("host"), "agent.example.com");
+        assert_eq!(value("x-forwarded-host"), "agent.example.com");
+        assert_eq!(value("x-forwarded-for"), "1.1.1.1, 2.2.2.2, 10.0.0.9");
+        assert_eq!(value("x-forwarded-proto"), "http");
+        assert_eq!(value("via"), "1.1 edge, 1.1 switchyard");
+        assert_eq!(lines.len(), OURS.len());
+    }
+
+    #[test]
+    fn a_client_cannot_strip_ours_by_naming_them() {
+        let h = map(&[
+            ("connection", b"x-forwarded-for, via, host"),
+            ("x-forwarded-for", b"1.1.1.1"),
+            ("via", b"1.1 edge"),
+        ]);
+        let lines = forwarded(&forward(&h), &h);
+        assert_eq!(names(&lines), OURS);
+        // The client's own values were named, and went; ours stay.
+        assert!(lines.contains(&("x-forwarded-for".into(), "10.0.0.9".into())), "{lines:?}");
+        assert!(lines.contains(&("via".into(), "1.1 switchyard".into())), "{lines:?}");
+    }
+
+    #[test]
+    fn a_forwarded_upgrade_and_a_request_without_a_host() {
+        let h = map(&[("connection", b"Upgrade"), ("upgrade", b"websocket"), ("sec-websocket-key", b"k")]);
+        let mut upgrade = forward(&h);
+        upgrade.upgrade = Some(HeaderValue::from_static("websocket"));
+        upgrade.host = None;
+        let lines = forwarded(&upgrade, &h);
+        assert_eq!(
+            names(&lines),
+            ["sec-websocket-key", "x-forwarded-for", "x-forwarded-proto", "via", "connection", "upgrade"]
+        );
+        assert_eq!(lines[4].1, "upgrade");
+        assert_eq!(lines[5].1, "websocket");
+    }
+
+    #[test]
+    fn connection_options_are_read_case_insensitively() {
+        let options = ConnectionOptions::of(&map(&[("connection", b"keep-alive, Upgrade"), ("connection", b"CLOSE")]));
+        assert!(options.upgrade && options.close);
+        assert!(options.named.is_empty(), "hop-by-hop names need no naming: {options:?}");
+        let options = ConnectionOptions::of(&map(&[("connection", b"X-One, x-one,, X-Two ,bad name")]));
+        assert!(!options.upgrade && !options.close);
+        assert_eq!(options.named, ["x-one", "x-two"]);
+        assert!(options.names(&HeaderName::from_static("x-two")));
+        assert!(!options.names(&HeaderName::from_static("x-three")));
+    }
+}
