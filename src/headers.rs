@@ -74,7 +74,10 @@ impl ConnectionOptions {
     /// it names.
     pub fn add(&mut self, value: &[u8]) {
         for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-            if token.eq_ignore_ascii_case(b"close") {
+            // The usual tokens first, by their text: making a name costs more than the rest.
+            if token.eq_ignore_ascii_case(b"keep-alive") {
+                continue;
+            } else if token.eq_ignore_ascii_case(b"close") {
                 self.close = true;
             } else if token.eq_ignore_ascii_case(b"upgrade") {
                 self.upgrade = true;
