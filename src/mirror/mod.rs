@@ -391,7 +391,7 @@ impl Mirror {
     }
 
     /// Sends the copy to a shadow server in rotation and reads its answer.
-    async fn exchange(&self, head: Parts, forward: &Forward, body: RequestBody) -> Result<Reading, String> {
+    async fn exchange(&self, head: Parts, forward: &Forward, mut body: RequestBody) -> Result<Reading, String> {
         // A random server in rotation: scan from a random start.
         let servers = &self.shadow.servers;
         let start = fastrand::usize(0..servers.len().max(1));
@@ -403,18 +403,19 @@ impl Mirror {
         let timeout = self.spec.timeout;
         let connect_timeout = self.connect_timeout.min(timeout);
         let started = Instant::now();
-        let mut req = Request::from_parts(head, body);
         let mut pooled = pool.take(started, self.upstream_idle_timeout);
         let response = loop {
             let conn = match pooled.take() {
                 Some(conn) => conn,
                 None => upstream::connect(server.addr, connect_timeout).await.map_err(|e| e.to_string())?,
             };
-            match tokio::time::timeout(timeout.saturating_sub(started.elapsed()), conn.send(req, Some(forward))).await {
+            match tokio::time::timeout(timeout.saturating_sub(started.elapsed()), conn.send(&head, body, Some(forward)))
+                .await
+            {
                 Err(_) => return Err(format!("shadow {} sent no response head within {timeout:?}", server.label)),
                 Ok(Ok(response)) => break response,
                 // A pooled connection closed under us before an answer: a fresh one.
-                Ok(Err(SendError { unsent: Some(unsent), .. })) => req = *unsent,
+                Ok(Err(SendError { unsent: Some(unsent), .. })) => body = unsent,
                 Ok(Err(SendError { error, .. })) => return Err(format!("shadow {} failed: {error}", server.label)),
             }
         };

@@ -25,6 +25,7 @@ use std::task::Poll;
 
 use bytes::BytesMut;
 use http::header::{self, HeaderValue};
+use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
@@ -177,9 +178,9 @@ async fn serve_request(client: Arc<Client>, req: Request<Incoming>) -> Result<Re
         (req.version() < Version::HTTP_2, Outbound::new(&table, req, &client))
     };
     let mut response = match routed {
-        Ok((outbound, upstream_req)) => {
+        Ok((outbound, head, body)) => {
             let mut first = None;
-            let sent = attempts(&table, &outbound, upstream_req, &mut first).await;
+            let sent = attempts(&table, &outbound, head, body, &mut first).await;
             outbound.answer(&table, sent, first, &client).unwrap_or_else(ProxyError::into_response)
         }
         Err(e) => {
@@ -220,7 +221,7 @@ impl<'t> Outbound<'t> {
         table: &'t Table,
         mut req: Request<Incoming>,
         client: &Client,
-    ) -> Result<(Outbound<'t>, Request<RequestBody>), ProxyError> {
+    ) -> Result<(Outbound<'t>, Parts, RequestBody), ProxyError> {
         let limits = &table.defaults;
         let size = headers::head_size(req.headers());
         if size > limits.max_request_header_bytes {
@@ -296,7 +297,7 @@ impl<'t> Outbound<'t> {
             None => (RequestBody::Client(body), None),
         };
         let outbound = Outbound { route, backend, server, traffic, sticky_hash, new_cookie, upgrade, forward, primary };
-        Ok((outbound, Request::from_parts(parts, body)))
+        Ok((outbound, parts, body))
     }
 
     /// The client's response, from the server's (or from the failure to get one).
@@ -461,7 +462,8 @@ where
 async fn attempts(
     table: &Table,
     outbound: &Outbound<'_>,
-    mut req: Request<RequestBody>,
+    mut head: Parts,
+    mut body: RequestBody,
     first: &mut Option<Instant>,
 ) -> Result<(Response<upstream::ResponseBody>, InFlight, Instant), ProxyError> {
     let Outbound { route, backend, sticky_hash, .. } = *outbound;
@@ -472,10 +474,10 @@ async fn attempts(
     // allocation (see `replay_copy`): a long-poll that then never fails. A replay goes to
     // another server of this backend, so a backend of one server (a sidecar's usual
     // version) never needs the copy, and the request is spared it.
-    let replayable = is_replayable(&req);
+    let replayable = is_replayable(&head, &body);
     let alone = backend.servers.len() < 2;
     // Boxed: the copy is rare, and the request's future would otherwise keep room for it.
-    let mut replay = if replayable && !alone { replay_copy(&req).map(Box::new) } else { None };
+    let mut replay = if replayable && !alone { replay_copy(&head).map(Box::new) } else { None };
     let mut replayed = false;
     loop {
         // One clock read serves the pool's idle check and the latency measurement.
@@ -507,7 +509,7 @@ async fn attempts(
         let waited = {
             // Made where they are pinned, and waited on together by hand: the send is most
             // of this future's size, and `timeout` and `select!` each moved it once more.
-            let send = conn.send(req, Some(&outbound.forward));
+            let send = conn.send(&head, body, Some(&outbound.forward));
             let timeout = tokio::time::sleep(route.request_timeout);
             let cut = in_flight.cut_signal();
             let cut_already = in_flight.is_cut();
@@ -564,7 +566,8 @@ async fn attempts(
                 server.drained.note(DrainOutcome::Replayed);
                 tracing::info!(route = %route.name, backend = %backend.name, from = %server.label, to = %other.label, "drain deadline: request replayed on another server");
                 server = other.clone();
-                req = *again;
+                head = *again;
+                body = RequestBody::Empty;
                 replayed = true;
                 continue;
             }
@@ -578,7 +581,7 @@ async fn attempts(
             // take the request, so a fresh connection can.
             Err(SendError { unsent: Some(unsent), error }) => {
                 tracing::debug!(server = %server.label, %error, "pooled connection was closed; reconnecting");
-                req = *unsent;
+                body = unsent;
             }
             Err(SendError { error, .. }) => {
                 outcome(backend, &server, true, started);
@@ -605,38 +608,35 @@ enum Waited {
 
 /// Whether a drain deadline may replay the request: GET, HEAD or OPTIONS, with no body.
 /// Replaying anything else could repeat its effect.
-fn is_replayable(req: &Request<RequestBody>) -> bool {
-    matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) && req.body().is_end_stream()
+fn is_replayable(head: &Parts, body: &RequestBody) -> bool {
+    matches!(head.method, Method::GET | Method::HEAD | Method::OPTIONS) && body.is_end_stream()
 }
 
-/// A copy of a request that a drain deadline may replay (see [`is_replayable`]).
+/// A copy of the head of a request that a drain deadline may replay (see
+/// [`is_replayable`]).
 ///
 /// The copy owns its bytes, in one allocation. The request's own header values and target
 /// are slices of the client connection's read buffer: a copy sharing them would hold that
 /// buffer for as long as the request waits (all of a long-poll), and the connection would
 /// allocate another one for its next read.
-fn replay_copy(req: &Request<RequestBody>) -> Option<Request<RequestBody>> {
-    if !is_replayable(req) {
-        return None;
-    }
-    let target = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
-    let mut bytes = BytesMut::with_capacity(target.len() + req.headers().iter().map(|(_, v)| v.len()).sum::<usize>());
+fn replay_copy(head: &Parts) -> Option<Parts> {
+    let target = head.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+    let mut bytes = BytesMut::with_capacity(target.len() + head.headers.values().map(HeaderValue::len).sum::<usize>());
     bytes.extend_from_slice(target.as_bytes());
-    for value in req.headers().values() {
+    for value in head.headers.values() {
         bytes.extend_from_slice(value.as_bytes());
     }
     let mut bytes = bytes.freeze();
 
-    let mut copy = Request::new(RequestBody::Empty);
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = Uri::from_maybe_shared(bytes.split_to(target.len())).ok()?;
-    *copy.version_mut() = req.version();
-    let headers = copy.headers_mut();
-    headers.reserve(req.headers().len());
-    for (name, value) in req.headers() {
+    let (mut copy, ()) = Request::new(()).into_parts();
+    copy.method = head.method.clone();
+    copy.uri = Uri::from_maybe_shared(bytes.split_to(target.len())).ok()?;
+    copy.version = head.version;
+    copy.headers.reserve(head.headers.len());
+    for (name, value) in &head.headers {
         let mut owned = HeaderValue::from_maybe_shared(bytes.split_to(value.len())).ok()?;
         owned.set_sensitive(value.is_sensitive());
-        headers.append(name.clone(), owned);
+        copy.headers.append(name.clone(), owned);
     }
     Some(copy)
 }
@@ -768,10 +768,12 @@ mod tests {
         // buffer.
         let buffer = bytes::Bytes::from(b"/poll?after=41 agent.example a b Bearer t0ken".to_vec());
         let value = |from: usize, to: usize| HeaderValue::from_maybe_shared(buffer.slice(from..to)).expect("value");
-        let mut original = Request::get(Uri::from_maybe_shared(buffer.slice(0..14)).expect("uri"))
+        let (mut original, body) = Request::get(Uri::from_maybe_shared(buffer.slice(0..14)).expect("uri"))
             .body(RequestBody::Empty)
-            .expect("request");
-        let headers = original.headers_mut();
+            .expect("request")
+            .into_parts();
+        assert!(is_replayable(&original, &body), "a bodiless GET is replayable");
+        let headers = &mut original.headers;
         headers.insert(header::HOST, value(15, 28));
         headers.append("x-trace", value(29, 30));
         headers.append("x-trace", value(31, 32));
@@ -779,19 +781,22 @@ mod tests {
         secret.set_sensitive(true);
         headers.insert(header::AUTHORIZATION, secret);
 
-        let copy = replay_copy(&original).expect("a bodiless GET is replayable");
-        assert_eq!(copy.method(), Method::GET);
-        assert_eq!(copy.uri(), "/poll?after=41");
-        assert_eq!(copy.headers(), original.headers());
-        let trace: Vec<_> = copy.headers().get_all("x-trace").iter().collect();
+        let copy = replay_copy(&original).expect("a copy");
+        assert_eq!(copy.method, Method::GET);
+        assert_eq!(copy.uri, "/poll?after=41");
+        assert_eq!(copy.headers, original.headers);
+        let trace: Vec<_> = copy.headers.get_all("x-trace").iter().collect();
         assert_eq!(trace, ["a", "b"], "repeated headers keep their order");
-        assert!(copy.headers()[header::AUTHORIZATION].is_sensitive());
-        assert_eq!(copy.headers()[header::AUTHORIZATION], "Bearer t0ken");
+        assert!(copy.headers[header::AUTHORIZATION].is_sensitive());
+        assert_eq!(copy.headers[header::AUTHORIZATION], "Bearer t0ken");
         drop(original);
         assert!(buffer.is_unique(), "the copy holds none of the read buffer");
 
-        let post = Request::post("/chat").body(RequestBody::Empty).expect("request");
-        assert!(replay_copy(&post).is_none(), "a POST could repeat its effect");
+        let (post, body) = Request::post("/chat").body(RequestBody::Empty).expect("request").into_parts();
+        assert!(!is_replayable(&post, &body), "a POST could repeat its effect");
+        let (get, body) =
+            Request::get("/chat").body(RequestBody::Whole(Some("x".into()))).expect("request").into_parts();
+        assert!(!is_replayable(&get, &body), "nor could a GET with a body");
     }
 
     #[test]

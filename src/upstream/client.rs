@@ -19,7 +19,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -58,12 +58,12 @@ pub enum Error {
     RequestBody(hyper::Error),
 }
 
-/// A failed [`Connection::send`]. `unsent` gives the request back when it can safely go
-/// out again on a fresh connection: see [`Connection::send`].
+/// A failed [`Connection::send`]. `unsent` gives the request's body back when the request
+/// can safely go out again on a fresh connection: see [`Connection::send`].
 #[derive(Debug)]
 pub struct SendError {
     pub error: Error,
-    pub unsent: Option<Box<Request<RequestBody>>>,
+    pub unsent: Option<RequestBody>,
 }
 
 /// An open connection to a server, between requests.
@@ -99,23 +99,25 @@ impl Connection {
         }
     }
 
-    /// Sends `req` and reads the response head. The response's body owns the connection
-    /// from then on.
+    /// Sends the request with head `parts` and `body`, and reads the response head. The
+    /// response's body owns the connection from then on.
     ///
-    /// A request without a body, with an idempotent method, that fails on a reused
-    /// connection before any byte of a response came back is given back in
-    /// [`SendError::unsent`]: the server most likely closed the idle connection just as
-    /// the request went out (the keep-alive race), and a fresh connection can take it.
+    /// The head is borrowed (its head is written before the first await) and stays the
+    /// caller's: a request that may go again keeps it. A request without a body, with an
+    /// idempotent method, that fails on a reused connection before any byte of a response
+    /// came back gets its body back in [`SendError::unsent`]: the server most likely
+    /// closed the idle connection just as the request went out (the keep-alive race), and
+    /// a fresh connection can take it.
     pub async fn send(
         mut self,
-        req: Request<RequestBody>,
+        parts: &http::request::Parts,
+        body: RequestBody,
         forward: Option<&Forward>,
     ) -> Result<Response<Body>, SendError> {
-        let (parts, body) = req.into_parts();
         let declared = parts.headers.get(header::CONTENT_LENGTH);
         let framing = Framing::of_request(declared, &body);
         self.head.clear();
-        encode_head(&mut self.head, &parts, forward, framing, declared.is_some());
+        encode_head(&mut self.head, parts, forward, framing, declared.is_some());
         let head_request = parts.method == Method::HEAD;
 
         if framing == Framing::Length(0) {
@@ -131,8 +133,7 @@ impl Connection {
                         && self.read.is_empty()
                         && parts.method.is_idempotent()
                         && matches!(error, Error::Closed | Error::Io(_));
-                    let unsent = retry.then(|| Box::new(Request::from_parts(parts, body)));
-                    Err(SendError { error, unsent })
+                    Err(SendError { error, unsent: retry.then_some(body) })
                 }
             };
         }
@@ -725,6 +726,8 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
+    use http::Request;
+
     use super::*;
 
     /// A server on 127.0.0.1 that accepts one connection and answers each request on it
@@ -798,6 +801,12 @@ mod tests {
         req
     }
 
+    /// Sends a whole request, as a caller that does not keep its head.
+    async fn exchange(conn: Connection, req: Request<RequestBody>) -> Result<Response<Body>, SendError> {
+        let (head, body) = req.into_parts();
+        conn.send(&head, body, None).await
+    }
+
     fn get() -> Request<RequestBody> {
         request(Method::GET, RequestBody::Empty)
     }
@@ -833,13 +842,13 @@ mod tests {
             b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
         ])
         .await;
-        let response = open(addr).await.send(get(), None).await.expect("a response");
+        let response = exchange(open(addr).await, get()).await.expect("a response");
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()["x-agent"], "1");
         let (data, _, conn) = read_all(response).await;
         assert_eq!(data, b"hello");
         let conn = conn.expect("the connection, reusable");
-        let response = conn.send(request(Method::DELETE, RequestBody::Empty), None).await.expect("a second response");
+        let response = exchange(conn, request(Method::DELETE, RequestBody::Empty)).await.expect("a second response");
         assert_eq!(response.status(), StatusCode::CREATED);
         assert_eq!(read_all(response).await.0, b"ok");
         let seen = server.await.expect("server");
@@ -856,13 +865,13 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
         ])
         .await;
-        let response = open(addr).await.send(get(), None).await.expect("a response");
+        let response = exchange(open(addr).await, get()).await.expect("a response");
         let names: Vec<_> = response.headers().keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-agent"]);
         // ... and still obeyed: the body was chunked, and the connection may go on.
         let (data, _, conn) = read_all(response).await;
         assert_eq!(data, b"ok");
-        let response = conn.expect("reusable").send(get(), None).await.expect("a second response");
+        let response = exchange(conn.expect("reusable"), get()).await.expect("a second response");
         let names: Vec<_> = response.headers().keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["content-length"]);
         assert!(read_all(response).await.2.is_none(), "`Connection: close` was obeyed");
@@ -874,7 +883,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-sum: 11\r\n\r\n",
         ])
         .await;
-        let response = open(addr).await.send(get(), None).await.expect("a response");
+        let response = exchange(open(addr).await, get()).await.expect("a response");
         let (data, trailers, conn) = read_all(response).await;
         assert_eq!(data, b"hello world");
         assert_eq!(trailers.expect("trailers")["x-sum"], "11");
@@ -895,7 +904,7 @@ mod tests {
         ];
         for (answer, body) in cases {
             let (addr, _server) = scripted(vec![answer]).await;
-            let response = open(addr).await.send(get(), None).await.expect("a response");
+            let response = exchange(open(addr).await, get()).await.expect("a response");
             let (data, _, conn) = read_all(response).await;
             assert_eq!(data, body, "{:?}", String::from_utf8_lossy(answer));
             assert!(conn.is_none(), "reused after {:?}", String::from_utf8_lossy(answer));
@@ -910,7 +919,7 @@ mod tests {
             (Method::GET, b"HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n"),
         ] {
             let (addr, _server) = scripted(vec![answer]).await;
-            let response = open(addr).await.send(request(method, RequestBody::Empty), None).await.expect("a response");
+            let response = exchange(open(addr).await, request(method, RequestBody::Empty)).await.expect("a response");
             assert!(response.body().is_end_stream());
             let (data, _, conn) = read_all(response).await;
             assert!(data.is_empty());
@@ -924,7 +933,7 @@ mod tests {
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
         ])
         .await;
-        let response = open(addr).await.send(get(), None).await.expect("a response");
+        let response = exchange(open(addr).await, get()).await.expect("a response");
         assert_eq!(response.status(), StatusCode::OK);
         assert!(response.headers().get("link").is_none());
         assert_eq!(read_all(response).await.0, b"ok");
@@ -939,7 +948,7 @@ mod tests {
             b"SMTP ready\r\n\r\n",
         ] {
             let (addr, _server) = scripted(vec![answer]).await;
-            let sent = open(addr).await.send(get(), None).await;
+            let sent = exchange(open(addr).await, get()).await;
             assert!(sent.is_err(), "accepted {:?}", String::from_utf8_lossy(answer));
         }
         for answer in [
@@ -949,7 +958,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nok",
         ] {
             let (addr, _server) = scripted(vec![answer]).await;
-            let mut body = open(addr).await.send(get(), None).await.expect("a head").into_body();
+            let mut body = exchange(open(addr).await, get()).await.expect("a head").into_body();
             let mut failed = false;
             while let Some(frame) = body.frame().await {
                 failed |= frame.is_err();
@@ -964,7 +973,7 @@ mod tests {
         let answer: &'static [u8] =
             format!("HTTP/1.1 200 OK\r\nx-big: {}\r\n\r\n", "a".repeat(MAX_HEAD)).leak().as_bytes();
         let (addr, _server) = scripted(vec![answer]).await;
-        let sent = open(addr).await.send(get(), None).await;
+        let sent = exchange(open(addr).await, get()).await;
         assert!(matches!(sent, Err(SendError { error: Error::HeadTooLarge, .. })), "{sent:?}");
     }
 
@@ -972,14 +981,13 @@ mod tests {
     async fn a_request_body_goes_out_with_its_length() {
         let (addr, server) = scripted(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"]).await;
         let body = RequestBody::Whole(Some(Bytes::from_static(b"{\"q\":1}")));
-        let response = open(addr).await.send(request(Method::POST, body), None).await.expect("a response");
+        let response = exchange(open(addr).await, request(Method::POST, body)).await.expect("a response");
         assert!(read_all(response).await.2.is_some());
         let seen = server.await.expect("server");
         assert!(seen[0].ends_with("content-length: 7\r\n\r\n{\"q\":1}"), "{}", seen[0]);
         // Without a body, a POST still says so.
         let (addr, server) = scripted(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"]).await;
-        let response =
-            open(addr).await.send(request(Method::POST, RequestBody::Empty), None).await.expect("a response");
+        let response = exchange(open(addr).await, request(Method::POST, RequestBody::Empty)).await.expect("a response");
         drop(response);
         assert!(server.await.expect("server")[0].ends_with("content-length: 0\r\n\r\n"));
     }
@@ -997,7 +1005,7 @@ mod tests {
         })
         .await;
         let body = RequestBody::Whole(Some(Bytes::from(vec![b'x'; 32 << 20])));
-        let response = open(addr).await.send(request(Method::PUT, body), None).await.expect("the early answer");
+        let response = exchange(open(addr).await, request(Method::PUT, body)).await.expect("the early answer");
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
         let (data, _, conn) = read_all(response).await;
         assert_eq!(data, b"big");
@@ -1018,7 +1026,7 @@ mod tests {
             stream.write_all(&ping).await.expect("echo");
         })
         .await;
-        let response = open(addr).await.send(get(), None).await.expect("a response");
+        let response = exchange(open(addr).await, get()).await.expect("a response");
         assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
         // What the connection speaks now stays with the 101; the connection's own header goes.
         assert_eq!(response.headers()["upgrade"], "echo");
@@ -1039,10 +1047,10 @@ mod tests {
         for (method, given_back) in [(Method::GET, true), (Method::POST, false)] {
             // One answer, then the server closes: the keep-alive race, lost.
             let (addr, server) = scripted(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"]).await;
-            let response = open(addr).await.send(get(), None).await.expect("a response");
+            let response = exchange(open(addr).await, get()).await.expect("a response");
             let conn = read_all(response).await.2.expect("reusable");
             server.await.expect("server");
-            let sent = conn.send(request(method.clone(), RequestBody::Empty), None).await;
+            let sent = exchange(conn, request(method.clone(), RequestBody::Empty)).await;
             let Err(SendError { unsent, .. }) = sent else { panic!("{method}: an answer from a closed connection") };
             assert_eq!(unsent.is_some(), given_back, "{method}");
         }
@@ -1053,7 +1061,7 @@ mod tests {
         let (addr, server) = scripted(vec![]).await;
         let conn = open(addr).await;
         server.await.expect("server");
-        let sent = conn.send(get(), None).await;
+        let sent = exchange(conn, get()).await;
         assert!(matches!(sent, Err(SendError { unsent: None, .. })), "{sent:?}");
     }
 }
