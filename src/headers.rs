@@ -73,6 +73,10 @@ impl ConnectionOptions {
     /// that is not text (a byte over 0x7F somewhere on the line) must not hide the headers
     /// it names.
     pub fn add(&mut self, value: &[u8]) {
+        // Nearly every response from a keep-alive server says only this.
+        if value.eq_ignore_ascii_case(b"keep-alive") {
+            return;
+        }
         for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
             // The usual tokens first, by their text: making a name costs more than the rest.
             if token.eq_ignore_ascii_case(b"keep-alive") {
@@ -318,6 +322,7 @@ mod tests {
 
     #[test]
     fn connection_options_are_read_case_insensitively() {
+        assert_eq!(ConnectionOptions::of(&map(&[("connection", b"Keep-Alive")])), ConnectionOptions::default());
         let options = ConnectionOptions::of(&map(&[("connection", b"keep-alive, Upgrade"), ("connection", b"CLOSE")]));
         assert!(options.upgrade && options.close);
         assert!(options.named.is_empty(), "hop-by-hop names need no naming: {options:?}");
