@@ -6,7 +6,11 @@
 //! are never put in its map (the upstream client reads them, see [`is_hop_by_hop`]).
 //! Editing the maps cost a hashed lookup or insert per rule, on every request.
 
+use std::collections::HashSet;
+
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::mirror::MIRROR_HEADER;
 
 /// What the rules do with a request header, by its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +25,8 @@ enum Rule {
     Replaced,
     /// A list ours is appended to: `X-Forwarded-For`, `Via`.
     Appended,
+    /// `Content-Length`: the upstream client writes the framing the body is sent with.
+    Framing,
 }
 
 /// One match on the name's text (its length first); comparing it with each name in turn
@@ -38,6 +44,7 @@ fn rule(name: &HeaderName) -> Rule {
         | "upgrade" => Rule::HopByHop,
         "host" | "x-forwarded-host" | "x-forwarded-proto" => Rule::Replaced,
         "x-forwarded-for" | "via" => Rule::Appended,
+        "content-length" => Rule::Framing,
         _ => Rule::Pass,
     }
 }
@@ -47,6 +54,12 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     rule(name) == Rule::HopByHop
 }
 
+/// Whether a header says how a message's body is delimited: `Content-Length` or
+/// `Transfer-Encoding`. Whoever writes a message writes these for the framing it uses.
+pub fn is_framing(name: &HeaderName) -> bool {
+    name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING
+}
+
 /// What a message's `Connection` headers say.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ConnectionOptions {
@@ -54,9 +67,9 @@ pub struct ConnectionOptions {
     pub close: bool,
     /// `upgrade`: the `Upgrade` header is meant.
     pub upgrade: bool,
-    /// Other headers named, which are hop-by-hop too; empty (and unallocated) but for
-    /// the odd message.
-    pub named: Vec<HeaderName>,
+    /// Other headers named, which are hop-by-hop too. `None` but for the odd message; a
+    /// set, so that a head naming thousands costs no more than its length.
+    named: Option<HashSet<HeaderName>>,
 }
 
 impl ConnectionOptions {
@@ -87,8 +100,8 @@ impl ConnectionOptions {
                 self.upgrade = true;
             } else if let Ok(name) = HeaderName::from_bytes(token) {
                 // Hop-by-hop headers go anyway; only the others need naming.
-                if !is_hop_by_hop(&name) && !self.named.contains(&name) {
-                    self.named.push(name);
+                if !is_hop_by_hop(&name) {
+                    self.named.get_or_insert_default().insert(name);
                 }
             }
         }
@@ -97,7 +110,7 @@ impl ConnectionOptions {
     /// Whether `name` was named, and must go.
     #[inline]
     pub fn names(&self, name: &HeaderName) -> bool {
-        !self.named.is_empty() && self.named.contains(name)
+        self.named.as_ref().is_some_and(|named| named.contains(name))
     }
 }
 
@@ -122,6 +135,9 @@ pub struct Forward {
     pub upgrade: Option<HeaderValue>,
     /// The client's `Connection` options.
     pub connection: ConnectionOptions,
+    /// A copy for a route's shadow: marked with `x-switchyard-mirror: 1`, written after
+    /// everything else so that no header of the client's can take the mark off.
+    pub shadow_copy: bool,
 }
 
 impl Forward {
@@ -134,7 +150,7 @@ impl Forward {
             }
             match rule(name) {
                 Rule::Pass => put_field(out, name.as_str(), value.as_bytes()),
-                Rule::HopByHop | Rule::Replaced => {}
+                Rule::HopByHop | Rule::Replaced | Rule::Framing => {}
                 Rule::Appended if name == X_FORWARDED_FOR => forwarded_for = true,
                 Rule::Appended => via = true,
             }
@@ -149,6 +165,9 @@ impl Forward {
         if let Some(protocol) = &self.upgrade {
             put_field(out, "connection", b"upgrade");
             put_field(out, "upgrade", protocol.as_bytes());
+        }
+        if self.shadow_copy {
+            put_field(out, MIRROR_HEADER.as_str(), b"1");
         }
     }
 }
@@ -212,6 +231,7 @@ mod tests {
             via: "1.1 switchyard",
             upgrade: None,
             connection: ConnectionOptions::of(headers),
+            shadow_copy: false,
         }
     }
 
@@ -325,11 +345,13 @@ mod tests {
         assert_eq!(ConnectionOptions::of(&map(&[("connection", b"Keep-Alive")])), ConnectionOptions::default());
         let options = ConnectionOptions::of(&map(&[("connection", b"keep-alive, Upgrade"), ("connection", b"CLOSE")]));
         assert!(options.upgrade && options.close);
-        assert!(options.named.is_empty(), "hop-by-hop names need no naming: {options:?}");
+        assert!(options.named.is_none(), "hop-by-hop names need no naming: {options:?}");
         let options = ConnectionOptions::of(&map(&[("connection", b"X-One, x-one,, X-Two ,bad name")]));
         assert!(!options.upgrade && !options.close);
-        assert_eq!(options.named, ["x-one", "x-two"]);
+        assert_eq!(options.named.as_ref().map(HashSet::len), Some(2), "{options:?}");
+        assert!(options.names(&HeaderName::from_static("x-one")));
         assert!(options.names(&HeaderName::from_static("x-two")));
         assert!(!options.names(&HeaderName::from_static("x-three")));
+        assert!(!options.names(&HeaderName::from_static("bad")));
     }
 }

@@ -296,8 +296,8 @@ impl Mirror {
         *head.method_mut() = parts.method.clone();
         *head.uri_mut() = parts.uri.clone();
         *head.headers_mut() = parts.headers.clone();
-        head.headers_mut().insert(MIRROR_HEADER.clone(), HeaderValue::from_static("1"));
         let (head, ()) = head.into_parts();
+        let forward = Forward { shadow_copy: true, ..forward.clone() };
 
         let (body, copy) = if has_body {
             let (tee, copy) = Tee::new(body, self.spec.max_body);
@@ -311,7 +311,7 @@ impl Mirror {
         } else {
             (None, None)
         };
-        tokio::spawn(self.clone().copy(head, forward.clone(), copy, answer, slot));
+        tokio::spawn(self.clone().copy(head, forward, copy, answer, slot));
         (body, primary)
     }
 

@@ -278,6 +278,7 @@ impl<'t> Outbound<'t> {
             },
             upgrade: asked,
             connection,
+            shadow_copy: false,
         };
         if let Some(target) = target {
             parts.uri = target;
@@ -510,7 +511,10 @@ async fn attempts(
             // Made where they are pinned, and waited on together by hand: the send is most
             // of this future's size, and `timeout` and `select!` each moved it once more.
             let send = conn.send(&head, body, Some(&outbound.forward));
-            let timeout = tokio::time::sleep(route.request_timeout);
+            // Outside the task's cooperative budget, as `tokio::time::timeout` polls its
+            // timer once the inner future has spent it: an upload that keeps the send busy
+            // must not keep the timeout from being seen.
+            let timeout = tokio::task::coop::unconstrained(tokio::time::sleep(route.request_timeout));
             let cut = in_flight.cut_signal();
             let cut_already = in_flight.is_cut();
             tokio::pin!(send, timeout, cut);

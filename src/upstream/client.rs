@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::RequestBody;
-use crate::headers::{is_hop_by_hop, put_field, ConnectionOptions, Forward};
+use crate::headers::{is_framing, is_hop_by_hop, put_field, ConnectionOptions, Forward};
 
 /// The most a response head (status line and headers) may take.
 const MAX_HEAD: usize = 64 * 1024;
@@ -276,11 +276,15 @@ fn parse_head(buf: &mut BytesMut, fields: &mut Vec<Field>) -> Result<Option<Head
     }
     let head = buf.split_to(len).freeze();
     // Hop-by-hop headers, and those `Connection` named, are read here and go no further;
-    // but a 101's `Upgrade` says what the connection speaks now, and stays.
+    // but a 101's `Upgrade` says what the connection speaks now, and stays. A
+    // `Content-Length` beside `Transfer-Encoding` goes too: the coding decides where the
+    // body ends, and a length passed on would contradict it (RFC 9112, 6.3).
     let connection = &delimiters.connection;
+    let transfer_coded = delimiters.chunked.is_some();
     let kept = |name: &HeaderName| {
         !(is_hop_by_hop(name) && !(status == StatusCode::SWITCHING_PROTOCOLS && name == header::UPGRADE))
             && !connection.names(name)
+            && !(transfer_coded && name == header::CONTENT_LENGTH)
     };
     let mut headers = HeaderMap::with_capacity(fields.len());
     for (name, start, end) in fields.drain(..) {
@@ -345,8 +349,9 @@ enum Framing {
 }
 
 impl Framing {
-    /// How a request's body goes out. Its `Transfer-Encoding` was removed as hop-by-hop;
-    /// the `Content-Length` the client `declared` stands (hyper checked it).
+    /// How a request's body goes out: by the `Content-Length` the client `declared` (hyper
+    /// checked it, and framed the body by it), else by the body. A client's
+    /// `Transfer-Encoding` is hop-by-hop: its body is re-framed here.
     fn of_request(declared: Option<&HeaderValue>, body: &RequestBody) -> Framing {
         if let Some(length) = declared.and_then(|v| content_length(v.as_bytes())) {
             return Framing::Length(length);
@@ -407,14 +412,17 @@ fn content_length(value: &[u8]) -> Option<u64> {
 }
 
 /// Writes the request line and headers, changed as `forward` says when it is a forwarded
-/// request, with the framing header for `framing` unless the request already has its
-/// `Content-Length` (`has_length`).
+/// request, then the framing headers for `framing`. The request's own `Content-Length` and
+/// `Transfer-Encoding` are never copied: the framing written is always the one the body is
+/// sent with, whatever else the headers say (a client naming `Content-Length` in
+/// `Connection` must not leave a body unframed, to be read as the next request). `declared`:
+/// whether the client sent a `Content-Length`, which is kept even when it is 0.
 fn encode_head(
     out: &mut Vec<u8>,
     parts: &http::request::Parts,
     forward: Option<&Forward>,
     framing: Framing,
-    has_length: bool,
+    declared: bool,
 ) {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
@@ -422,20 +430,26 @@ fn encode_head(
     out.extend_from_slice(b" HTTP/1.1\r\n");
     match forward {
         Some(forward) => forward.put_fields(out, &parts.headers),
-        None => put_fields(out, &parts.headers),
+        None => {
+            for (name, value) in &parts.headers {
+                if !is_framing(name) {
+                    put_field(out, name.as_str(), value.as_bytes());
+                }
+            }
+        }
     }
     match framing {
-        Framing::Length(0) if !has_length && matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) => {
-            // A server may wait for a body it was not told is empty.
+        // A server may wait for a body it was not told is empty.
+        Framing::Length(0) if declared || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) => {
             out.extend_from_slice(b"content-length: 0\r\n");
         }
         Framing::Length(0) => {}
-        Framing::Length(length) if !has_length => {
+        Framing::Length(length) => {
             let _ = write!(out, "content-length: {length}\r\n");
         }
-        // A request is never close-delimited (`of_request`).
-        Framing::Length(_) | Framing::Close => {}
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        // A request is never close-delimited (`of_request`).
+        Framing::Close => {}
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -823,6 +837,69 @@ mod tests {
             }
         }
         (data, trailers, body.take_reusable())
+    }
+
+    /// The head `encode_head` writes for `req`, forwarded as a proxy does when `forwarded`.
+    fn written_head(req: Request<RequestBody>, forwarded: bool) -> String {
+        let (parts, body) = req.into_parts();
+        let forward = Forward {
+            host: parts.headers.get(header::HOST).cloned(),
+            client_ip: HeaderValue::from_static("10.0.0.9"),
+            via: "1.1 switchyard",
+            upgrade: None,
+            connection: ConnectionOptions::of(&parts.headers),
+            shadow_copy: false,
+        };
+        let declared = parts.headers.get(header::CONTENT_LENGTH);
+        let framing = Framing::of_request(declared, &body);
+        let mut out = Vec::new();
+        encode_head(&mut out, &parts, forwarded.then_some(&forward), framing, declared.is_some());
+        String::from_utf8(out).expect("text")
+    }
+
+    #[test]
+    fn the_framing_written_is_the_bodys_whatever_the_headers_say() {
+        let lines = |head: &str, name: &str| {
+            head.lines()
+                .filter(|l| l.to_lowercase().starts_with(&format!("{name}:")))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        for forwarded in [true, false] {
+            // A client naming Content-Length in Connection, or sending it twice.
+            let mut req = request(Method::POST, RequestBody::Whole(Some(Bytes::from_static(b"12345"))));
+            req.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("keep-alive, content-length"));
+            req.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+            req.headers_mut().append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+            let head = written_head(req, forwarded);
+            assert_eq!(lines(&head, "content-length"), ["content-length: 5"], "{head}");
+            // A client's Transfer-Encoding is hop-by-hop: the body is framed as it is sent.
+            let mut req = request(Method::POST, RequestBody::Whole(Some(Bytes::from_static(b"123"))));
+            req.headers_mut().insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+            let head = written_head(req, forwarded);
+            assert_eq!(lines(&head, "content-length"), ["content-length: 3"], "{head}");
+            assert!(lines(&head, "transfer-encoding").is_empty(), "{head}");
+            // An empty body is declared where a server may wait for one, or where the client did.
+            let head = written_head(request(Method::POST, RequestBody::Empty), forwarded);
+            assert_eq!(lines(&head, "content-length"), ["content-length: 0"], "{head}");
+            let mut req = get();
+            req.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+            assert_eq!(lines(&written_head(req, forwarded), "content-length"), ["content-length: 0"]);
+            assert!(lines(&written_head(get(), forwarded), "content-length").is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_content_length_beside_transfer_encoding_is_not_passed_on() {
+        let (addr, _server) = scripted(vec![
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        ])
+        .await;
+        let response = exchange(open(addr).await, get()).await.expect("a response");
+        assert!(response.headers().is_empty(), "{:?}", response.headers());
+        let (data, _, conn) = read_all(response).await;
+        assert_eq!(data, b"ok", "the coding decides where the body ends");
+        assert!(conn.is_none(), "a connection that sent both is not trusted again");
     }
 
     #[test]

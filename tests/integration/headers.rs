@@ -86,3 +86,33 @@ async fn a_chunked_upload_reaches_the_server_whole_with_its_trailers() {
     assert!(answer.contains("x-checksum: 11"), "the trailer did not reach the server: {answer}");
     assert!(answer.ends_with("hello agent"), "{answer}");
 }
+
+#[tokio::test]
+async fn a_body_stays_framed_when_the_client_names_content_length_in_connection() {
+    use http_body_util::BodyExt;
+    let blue = TestServer::with_handler("blue", |req| async {
+        let body = req.into_body().collect().await.expect("the whole body").to_bytes();
+        Response::new(text(body))
+    })
+    .await;
+    let proxy = TestProxy::start(&all_to("blue", &[&blue])).await;
+    // Were the body sent unframed, the server would read it as a second request.
+    let smuggled = b"GET /admin HTTP/1.1\r\nhost: x\r\n\r\n";
+    let mut request = format!(
+        "POST /chat HTTP/1.1\r\nhost: agent\r\nconnection: close, content-length\r\ncontent-length: {}\r\n\r\n",
+        smuggled.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(smuggled);
+    let answer = raw_exchange(proxy.addr, &request).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("GET /admin HTTP/1.1\r\nhost: x\r\n\r\n"), "the body came back whole: {answer}");
+    // One more request on the pooled connection: a smuggled request would have been read first.
+    let (status, _, _) = fetch(&client(), Request::get(proxy.url("/after")).body(Default::default()).expect("req"))
+        .await
+        .expect("answer");
+    assert_eq!(status, 200);
+    let paths: Vec<_> = blue.requests().iter().map(|r| r.uri.path().to_string()).collect();
+    assert_eq!(paths, ["/chat", "/after"]);
+    assert_eq!(blue.requests()[0].headers["content-length"], smuggled.len().to_string());
+}

@@ -102,8 +102,11 @@ async fn every_copy_reaches_the_shadow_whole_and_marked_and_large_bodies_are_cou
     for i in 0..20u8 {
         let body: Bytes = (0..100 * 1024).map(|_| fastrand::u8(..)).collect::<Vec<u8>>().into();
         let mut req = post(&proxy.url(&format!("/upload/{i}")), body.clone());
-        // A client cannot pass its request off as a copy.
+        // A client cannot pass its request off as a copy, nor take a copy's mark off.
         req.headers_mut().insert("x-switchyard-mirror", http::HeaderValue::from_static("forged"));
+        if i % 2 == 1 {
+            req.headers_mut().insert("connection", http::HeaderValue::from_static("x-switchyard-mirror"));
+        }
         let (status, _, answer) = fetch(&client, req).await.expect("an answer");
         assert_eq!((status, answer), (StatusCode::OK, (100 * 1024).to_string()));
         sent.push(body);
