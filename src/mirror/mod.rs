@@ -271,9 +271,10 @@ impl Mirror {
     }
 
     /// Starts the copy of a sampled request, whose head is `parts`, changed as `forward`
-    /// says on its way (as the primary's is). Returns the body to send the primary (a [`Tee`] when there is a body to
-    /// copy) and, with `compare`, the watch the primary's answer goes through. A request
-    /// that cannot be mirrored is counted and goes on as it is.
+    /// says on its way (as the primary's is). Returns the body to send the primary (a
+    /// [`Tee`] when there is a body to copy) and, with `compare`, the watch the primary's
+    /// answer goes through. A request that cannot be mirrored is counted and goes on as it
+    /// is.
     pub fn start(self: &Arc<Self>, parts: &Parts, forward: &Forward, body: Incoming) -> (RequestBody, Option<Primary>) {
         self.state.sampled.fetch_add(1, Ordering::Relaxed);
         let has_body = !body.is_end_stream();

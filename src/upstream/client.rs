@@ -430,13 +430,7 @@ fn encode_head(
     out.extend_from_slice(b" HTTP/1.1\r\n");
     match forward {
         Some(forward) => forward.put_fields(out, &parts.headers),
-        None => {
-            for (name, value) in &parts.headers {
-                if !is_framing(name) {
-                    put_field(out, name.as_str(), value.as_bytes());
-                }
-            }
-        }
+        None => put_fields(out, &parts.headers, |name| !is_framing(name)),
     }
     match framing {
         // A server may wait for a body it was not told is empty.
@@ -454,10 +448,12 @@ fn encode_head(
     out.extend_from_slice(b"\r\n");
 }
 
-/// Writes each field as a `name: value` line.
-fn put_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
+/// Writes each field that `keep` keeps as a `name: value` line.
+fn put_fields(out: &mut Vec<u8>, fields: &HeaderMap, keep: impl Fn(&HeaderName) -> bool) {
     for (name, value) in fields {
-        put_field(out, name.as_str(), value.as_bytes());
+        if keep(name) {
+            put_field(out, name.as_str(), value.as_bytes());
+        }
     }
 }
 
@@ -495,7 +491,7 @@ async fn write_body<W: AsyncWrite + Unpin>(w: &mut W, body: &mut RequestBody, fr
         if let (Ok(trailers), None) = (frame.into_trailers(), left) {
             out.clear();
             out.extend_from_slice(b"0\r\n");
-            put_fields(&mut out, &trailers);
+            put_fields(&mut out, &trailers, |_| true);
             out.extend_from_slice(b"\r\n");
             return Ok(w.write_all(&out).await?);
         }
