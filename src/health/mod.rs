@@ -130,8 +130,8 @@ async fn probe_inner(addr: SocketAddr, spec: &HealthSpec) -> Result<(), String> 
         .header(header::CONNECTION, HeaderValue::from_static("close"))
         .body(RequestBody::Empty)
         .map_err(|e| e.to_string())?;
-    let (head, body) = request.into_parts();
-    let response = conn.send(&head, body, None).await.map_err(|e| e.error.to_string())?;
+    let (mut head, body) = request.into_parts();
+    let response = conn.send(&mut head, body, None).await.map_err(|e| e.error.to_string())?;
     let status = response.status();
     if status.as_u16() != spec.expect_status {
         return Err(format!("status {status}, expected {}", spec.expect_status));

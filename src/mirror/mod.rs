@@ -392,7 +392,7 @@ impl Mirror {
     }
 
     /// Sends the copy to a shadow server in rotation and reads its answer.
-    async fn exchange(&self, head: Parts, forward: &Forward, mut body: RequestBody) -> Result<Reading, String> {
+    async fn exchange(&self, mut head: Parts, forward: &Forward, mut body: RequestBody) -> Result<Reading, String> {
         // A random server in rotation: scan from a random start.
         let servers = &self.shadow.servers;
         let start = fastrand::usize(0..servers.len().max(1));
@@ -410,8 +410,11 @@ impl Mirror {
                 Some(conn) => conn,
                 None => upstream::connect(server.addr, connect_timeout).await.map_err(|e| e.to_string())?,
             };
-            match tokio::time::timeout(timeout.saturating_sub(started.elapsed()), conn.send(&head, body, Some(forward)))
-                .await
+            match tokio::time::timeout(
+                timeout.saturating_sub(started.elapsed()),
+                conn.send(&mut head, body, Some(forward)),
+            )
+            .await
             {
                 Err(_) => return Err(format!("shadow {} sent no response head within {timeout:?}", server.label)),
                 Ok(Ok(response)) => break response,

@@ -102,15 +102,19 @@ impl Connection {
     /// Sends the request with head `parts` and `body`, and reads the response head. The
     /// response's body owns the connection from then on.
     ///
-    /// The head is borrowed (its head is written before the first await) and stays the
-    /// caller's: a request that may go again keeps it. A request without a body, with an
-    /// idempotent method, that fails on a reused connection before any byte of a response
-    /// came back gets its body back in [`SendError::unsent`]: the server most likely
-    /// closed the idle connection just as the request went out (the keep-alive race), and
-    /// a fresh connection can take it.
+    /// The head is borrowed and stays the caller's: a request that may go again keeps it.
+    /// A request without a body, with an idempotent method, that fails on a reused
+    /// connection before any byte of a response came back gets its body back in
+    /// [`SendError::unsent`]: the server most likely closed the idle connection just as
+    /// the request went out (the keep-alive race), and a fresh connection can take it.
+    ///
+    /// Once a final response head has come back, the request can no longer go again, and
+    /// its header map, emptied, takes the response's headers: `parts.headers` is left
+    /// empty. hyper keeps a response's map for the next request's head on the client's
+    /// connection, so a request proxied over HTTP/1 allocates no header map at all.
     pub async fn send(
         mut self,
-        parts: &http::request::Parts,
+        parts: &mut http::request::Parts,
         body: RequestBody,
         forward: Option<&Forward>,
     ) -> Result<Response<Body>, SendError> {
@@ -127,7 +131,7 @@ impl Connection {
                 Err(e) => Err(e.into()),
             };
             return match exchanged {
-                Ok(head) => self.respond(head, head_request, true),
+                Ok(head) => self.respond(head, &mut parts.headers, head_request, true),
                 Err(error) => {
                     let retry = self.reused
                         && self.read.is_empty()
@@ -140,7 +144,7 @@ impl Connection {
 
         // Boxed: this path's state (the body's writer beside the head's reader) would
         // otherwise make every request's future, and each move of it, twice the size.
-        Box::pin(self.send_body(body, framing, head_request)).await
+        Box::pin(self.send_body(&mut parts.headers, body, framing, head_request)).await
     }
 
     /// [`send`](Self::send) for a request with a body, its head encoded already. The body
@@ -148,6 +152,7 @@ impl Connection {
     /// before it has read all of it.
     async fn send_body(
         mut self,
+        headers: &mut HeaderMap,
         mut body: RequestBody,
         framing: Framing,
         head_request: bool,
@@ -183,14 +188,25 @@ impl Connection {
         if !request_done {
             tracing::debug!(status = %head.status, "the server answered before the request body was sent; its connection will not be reused");
         }
-        self.respond(head, head_request, request_done)
+        self.respond(head, headers, head_request, request_done)
     }
 
-    /// The response to a request whose head came back as `head`; refused if its framing
-    /// is broken.
-    fn respond(mut self, head: Head, head_request: bool, request_done: bool) -> Result<Response<Body>, SendError> {
+    /// The response to a request whose head came back as `head` (still at the front of the
+    /// read buffer), with its headers moved into `headers` (the request's, emptied first);
+    /// refused if its framing is broken.
+    fn respond(
+        mut self,
+        head: Head,
+        headers: &mut HeaderMap,
+        head_request: bool,
+        request_done: bool,
+    ) -> Result<Response<Body>, SendError> {
         self.reused = true;
-        let Head { status, version, headers, delimiters } = head;
+        let mut headers = std::mem::take(headers);
+        if let Err(error) = head.take_fields(&mut self.read, &mut self.fields, &mut headers) {
+            return Err(SendError { error, unsent: None });
+        }
+        let Head { status, version, delimiters, .. } = head;
         let (state, keep_alive) = if status == StatusCode::SWITCHING_PROTOCOLS {
             // The connection is the tunnel's now (see `Body::into_upgraded`).
             (State::Done, false)
@@ -209,17 +225,20 @@ impl Connection {
     }
 }
 
-/// A response head, parsed.
+/// A response head, parsed at the front of the read buffer. Its fields' names and places
+/// are in the connection's `fields`; they go into a header map only for a final head (see
+/// [`Head::take_fields`]).
 #[derive(Debug)]
 struct Head {
     status: StatusCode,
     version: Version,
-    headers: HeaderMap,
     delimiters: Delimiters,
+    /// The head's length in bytes, blank line included.
+    len: usize,
 }
 
-/// Reads until a final response head is in `buf`, skipping interim (1xx) responses but
-/// 101, and parses it. What follows the head stays in `buf`.
+/// Reads until a final response head is at the front of `buf`, skipping interim (1xx)
+/// responses but 101, and parses it. The head, and what follows it, stay in `buf`.
 fn poll_head<R: AsyncRead + Unpin>(
     io: &mut R,
     buf: &mut BytesMut,
@@ -231,6 +250,7 @@ fn poll_head<R: AsyncRead + Unpin>(
         if !buf.is_empty() {
             match parse_head(buf, fields)? {
                 Some(head) if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS => {
+                    buf.advance(head.len);
                     interim += 1;
                     if interim > MAX_INTERIM {
                         return Poll::Ready(Err(Error::Malformed("too many interim (1xx) responses")));
@@ -244,15 +264,18 @@ fn poll_head<R: AsyncRead + Unpin>(
         }
         let had = buf.len();
         if ready!(poll_fill(io, buf, cx))? == 0 {
-            return Poll::Ready(Err(if had == 0 { Error::Closed } else { Error::ClosedMidResponse }));
+            // After an interim response the server has the request: it may not go again.
+            let untouched = had == 0 && interim == 0;
+            return Poll::Ready(Err(if untouched { Error::Closed } else { Error::ClosedMidResponse }));
         }
     }
 }
 
-/// Parses a complete response head off the front of `buf`, or `None` if it is not all
-/// there yet. Header values share the head's bytes rather than being copied; `fields` is
-/// scratch space, kept by the connection so that parsing allocates nothing of its own.
-fn parse_head(buf: &mut BytesMut, fields: &mut Vec<Field>) -> Result<Option<Head>, Error> {
+/// Parses a complete response head at the front of `buf`, or `None` if it is not all
+/// there yet. The fields' names are made, and the framing headers read, on the way;
+/// `fields` gets each name with its value's place in `buf`. It is scratch space, kept by
+/// the connection so that parsing allocates nothing of its own.
+fn parse_head(buf: &BytesMut, fields: &mut Vec<Field>) -> Result<Option<Head>, Error> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut response, buf, &mut slots);
@@ -263,8 +286,6 @@ fn parse_head(buf: &mut BytesMut, fields: &mut Vec<Field>) -> Result<Option<Head
     };
     let status = response.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or(Error::Malformed("bad status"))?;
     let version = if response.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-    // Names are made now, and the framing headers read on the way; values are kept as
-    // places in `buf`, to be sliced out of the head once it is split off.
     let mut delimiters = Delimiters::default();
     let base = buf.as_ptr() as usize;
     fields.clear();
@@ -274,28 +295,39 @@ fn parse_head(buf: &mut BytesMut, fields: &mut Vec<Field>) -> Result<Option<Head
         let start = h.value.as_ptr() as usize - base;
         fields.push((name, start, start + h.value.len()));
     }
-    let head = buf.split_to(len).freeze();
-    // Hop-by-hop headers, and those `Connection` named, are read here and go no further;
-    // but a 101's `Upgrade` says what the connection speaks now, and stays. A
-    // `Content-Length` beside `Transfer-Encoding` goes too: the coding decides where the
-    // body ends, and a length passed on would contradict it (RFC 9112, 6.3).
-    let connection = &delimiters.connection;
-    let transfer_coded = delimiters.chunked.is_some();
-    let kept = |name: &HeaderName| {
-        !(is_hop_by_hop(name) && !(status == StatusCode::SWITCHING_PROTOCOLS && name == header::UPGRADE))
-            && !connection.names(name)
-            && !(transfer_coded && name == header::CONTENT_LENGTH)
-    };
-    let mut headers = HeaderMap::with_capacity(fields.len());
-    for (name, start, end) in fields.drain(..) {
-        if !kept(&name) {
-            continue;
+    Ok(Some(Head { status, version, delimiters, len }))
+}
+
+impl Head {
+    /// Takes the head off the front of `buf`, and its fields into `headers`, which is
+    /// emptied first. Values share the head's bytes rather than being copied.
+    ///
+    /// Hop-by-hop headers, and those `Connection` named, were read for framing and
+    /// keep-alive and go no further; but a 101's `Upgrade` says what the connection speaks
+    /// now, and stays. A `Content-Length` beside `Transfer-Encoding` goes too: the coding
+    /// decides where the body ends, and a length passed on would contradict it (RFC 9112,
+    /// 6.3).
+    fn take_fields(&self, buf: &mut BytesMut, fields: &mut Vec<Field>, headers: &mut HeaderMap) -> Result<(), Error> {
+        let head = buf.split_to(self.len).freeze();
+        let connection = &self.delimiters.connection;
+        let transfer_coded = self.delimiters.chunked.is_some();
+        let kept = |name: &HeaderName| {
+            !(is_hop_by_hop(name) && !(self.status == StatusCode::SWITCHING_PROTOCOLS && name == header::UPGRADE))
+                && !connection.names(name)
+                && !(transfer_coded && name == header::CONTENT_LENGTH)
+        };
+        headers.clear();
+        headers.reserve(fields.len());
+        for (name, start, end) in fields.drain(..) {
+            if !kept(&name) {
+                continue;
+            }
+            let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+                .map_err(|_| Error::Malformed("bad header value"))?;
+            headers.append(name, value);
         }
-        let value =
-            HeaderValue::from_maybe_shared(head.slice(start..end)).map_err(|_| Error::Malformed("bad header value"))?;
-        headers.append(name, value);
+        Ok(())
     }
-    Ok(Some(Head { status, version, headers, delimiters }))
 }
 
 /// A header's name, and where its value lies in the read buffer.
@@ -813,8 +845,8 @@ mod tests {
 
     /// Sends a whole request, as a caller that does not keep its head.
     async fn exchange(conn: Connection, req: Request<RequestBody>) -> Result<Response<Body>, SendError> {
-        let (head, body) = req.into_parts();
-        conn.send(&head, body, None).await
+        let (mut head, body) = req.into_parts();
+        conn.send(&mut head, body, None).await
     }
 
     fn get() -> Request<RequestBody> {
@@ -1127,6 +1159,50 @@ mod tests {
             let Err(SendError { unsent, .. }) = sent else { panic!("{method}: an answer from a closed connection") };
             assert_eq!(unsent.is_some(), given_back, "{method}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_request_that_had_an_interim_answer_is_not_given_back() {
+        // The server took the request (it said 100 Continue), then closed.
+        let (addr, server) =
+            scripted(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", b"HTTP/1.1 100 Continue\r\n\r\n"]).await;
+        let response = exchange(open(addr).await, get()).await.expect("a response");
+        let conn = read_all(response).await.2.expect("reusable");
+        let sent = exchange(conn, get()).await;
+        server.await.expect("server");
+        assert!(matches!(sent, Err(SendError { error: Error::ClosedMidResponse, unsent: None })), "{sent:?}");
+    }
+
+    #[tokio::test]
+    async fn the_request_head_stays_whole_until_a_final_answer_then_its_map_holds_the_response() {
+        let (addr, server) = scripted(vec![
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\nx-agent: 2\r\nconnection: x-agent, x-hop\r\nx-hop: 1\r\n\r\n",
+        ])
+        .await;
+        let response = exchange(open(addr).await, get()).await.expect("a response");
+        let conn = read_all(response).await.2.expect("reusable");
+        let (mut head, body) = get().into_parts();
+        head.headers.insert("x-conversation", HeaderValue::from_static("c-1"));
+        let capacity = head.headers.capacity();
+        let response = conn.send(&mut head, body, None).await.expect("a response");
+        server.await.expect("server");
+        assert!(head.headers.is_empty(), "the request's map went to the response");
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+        assert_eq!(response.headers().len(), 0, "{:?}", response.headers());
+        assert!(response.headers().capacity() >= capacity);
+
+        // A send that fails before any answer leaves the head as it was, for a retry.
+        let (addr, server) = scripted(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"]).await;
+        let response = exchange(open(addr).await, get()).await.expect("a response");
+        let conn = read_all(response).await.2.expect("reusable");
+        server.await.expect("server");
+        let (mut head, body) = get().into_parts();
+        head.headers.insert("x-conversation", HeaderValue::from_static("c-1"));
+        let sent = conn.send(&mut head, body, None).await;
+        assert!(matches!(sent, Err(SendError { unsent: Some(_), .. })), "{sent:?}");
+        assert_eq!(head.headers["x-conversation"], "c-1");
+        assert_eq!(head.headers[header::HOST], "agent");
     }
 
     #[tokio::test]
