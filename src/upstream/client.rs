@@ -110,7 +110,7 @@ impl Connection {
     ///
     /// Once a final response head has come back, the request can no longer go again, and
     /// its header map, emptied, takes the response's headers: `parts.headers` is left
-    /// empty. hyper keeps a response's map for the next request's head on the client's
+    /// empty, even if the head is then refused. hyper keeps a response's map for the next request's head on the client's
     /// connection, so a request proxied over HTTP/1 allocates no header map at all.
     pub async fn send(
         mut self,
@@ -126,15 +126,20 @@ impl Connection {
 
         if framing == Framing::Length(0) {
             // Nearly every request: the head is all of it.
+            let mut interim = 0;
             let exchanged = match self.io.write_all(&self.head).await {
-                Ok(()) => poll_fn(|cx| poll_head(&mut self.io, &mut self.read, &mut self.fields, cx)).await,
+                Ok(()) => {
+                    poll_fn(|cx| poll_head(&mut self.io, &mut self.read, &mut self.fields, &mut interim, cx)).await
+                }
                 Err(e) => Err(e.into()),
             };
             return match exchanged {
                 Ok(head) => self.respond(head, &mut parts.headers, head_request, true),
                 Err(error) => {
+                    // An interim answer means the server has the request.
                     let retry = self.reused
                         && self.read.is_empty()
+                        && interim == 0
                         && parts.method.is_idempotent()
                         && matches!(error, Error::Closed | Error::Io(_));
                     Err(SendError { error, unsent: retry.then_some(body) })
@@ -166,6 +171,7 @@ impl Connection {
             };
             tokio::pin!(write);
             let mut written = None;
+            let mut interim = 0;
             loop {
                 tokio::select! {
                     biased;
@@ -175,7 +181,7 @@ impl Connection {
                         // The server may have answered before it stopped reading.
                         result => written = Some(result),
                     },
-                    head = poll_fn(|cx| poll_head(&mut reader, read, fields, cx)) => break (head, written),
+                    head = poll_fn(|cx| poll_head(&mut reader, read, fields, &mut interim, cx)) => break (head, written),
                 }
             }
         };
@@ -239,20 +245,21 @@ struct Head {
 
 /// Reads until a final response head is at the front of `buf`, skipping interim (1xx)
 /// responses but 101, and parses it. The head, and what follows it, stay in `buf`.
+/// `interim` counts the interim responses skipped, across polls.
 fn poll_head<R: AsyncRead + Unpin>(
     io: &mut R,
     buf: &mut BytesMut,
     fields: &mut Vec<Field>,
+    interim: &mut usize,
     cx: &mut Context<'_>,
 ) -> Poll<Result<Head, Error>> {
-    let mut interim = 0;
     loop {
         if !buf.is_empty() {
             match parse_head(buf, fields)? {
                 Some(head) if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS => {
                     buf.advance(head.len);
-                    interim += 1;
-                    if interim > MAX_INTERIM {
+                    *interim += 1;
+                    if *interim > MAX_INTERIM {
                         return Poll::Ready(Err(Error::Malformed("too many interim (1xx) responses")));
                     }
                     continue;
@@ -265,7 +272,7 @@ fn poll_head<R: AsyncRead + Unpin>(
         let had = buf.len();
         if ready!(poll_fill(io, buf, cx))? == 0 {
             // After an interim response the server has the request: it may not go again.
-            let untouched = had == 0 && interim == 0;
+            let untouched = had == 0 && *interim == 0;
             return Poll::Ready(Err(if untouched { Error::Closed } else { Error::ClosedMidResponse }));
         }
     }
@@ -1168,13 +1175,27 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_that_had_an_interim_answer_is_not_given_back() {
-        // The server took the request (it said 100 Continue), then closed.
-        let (addr, server) =
-            scripted(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", b"HTTP/1.1 100 Continue\r\n\r\n"]).await;
-        let conn = reused(addr).await;
-        let sent = exchange(conn, get()).await;
-        server.await.expect("server");
-        assert!(matches!(sent, Err(SendError { error: Error::ClosedMidResponse, unsent: None })), "{sent:?}");
+        // The server takes the request and says so (103), then closes: at once, a little
+        // later (so that the client has gone back to waiting), or with a reset.
+        for (pause, reset) in [(0, false), (50, false), (0, true)] {
+            let (addr, server) = serve_one(move |mut stream| async move {
+                for answer in
+                    [&b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"[..], b"HTTP/1.1 103 Early Hints\r\n\r\n"]
+                {
+                    read_request(&mut stream).await;
+                    stream.write_all(answer).await.expect("write");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                if reset {
+                    let stream = stream.into_std().expect("std stream");
+                    socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO)).expect("linger");
+                }
+            })
+            .await;
+            let sent = exchange(reused(addr).await, get()).await;
+            server.await.expect("server");
+            assert!(matches!(sent, Err(SendError { unsent: None, .. })), "pause {pause} ms, reset {reset}: {sent:?}");
+        }
     }
 
     #[tokio::test]
