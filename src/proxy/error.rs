@@ -35,6 +35,10 @@ pub enum ProxyError {
     Timeout { route: Arc<str>, backend: Arc<str>, server: Arc<str>, after: Duration },
     #[error("backend {backend:?} of route {route:?}: server {server} was drained and its deadline passed before it answered{why}")]
     DrainCut { route: Arc<str>, backend: Arc<str>, server: Arc<str>, why: &'static str },
+    /// The client's own body failed while it was being sent on: the client hung up
+    /// mid-upload, or its chunked framing was broken. Nothing the server did.
+    #[error("route {route:?}: reading the request body from the client failed: {source}")]
+    ClientBody { route: Arc<str>, source: hyper::Error },
 }
 
 impl ProxyError {
@@ -53,7 +57,9 @@ impl ProxyError {
     /// The one mapping from error to status.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::BadRequest(_) | ProxyError::BadPath(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::BadPath(_) | ProxyError::ClientBody { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::NoServer { .. } | ProxyError::BackendDown { .. } | ProxyError::DrainCut { .. } => {

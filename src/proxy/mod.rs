@@ -587,6 +587,11 @@ async fn attempts(
                 tracing::debug!(server = %server.label, %error, "pooled connection was closed; reconnecting");
                 body = unsent;
             }
+            // The client's body failed (a hang-up mid-upload, broken chunked framing): held
+            // against neither the server (outlier detection) nor its backend (analysis).
+            Err(SendError { error: upstream::Error::RequestBody(source), .. }) => {
+                return Err(ProxyError::ClientBody { route: route.name.clone(), source });
+            }
             Err(SendError { error, .. }) => {
                 outcome(backend, &server, true, started);
                 return Err(ProxyError::Upstream {

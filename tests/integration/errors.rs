@@ -204,3 +204,77 @@ async fn a_server_slower_than_the_request_timeout_is_504() {
     assert!(body.contains("no response head within 200ms"), "{body}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// A server that reads request bodies and says when the first bytes of one arrived.
+async fn reading_server(name: &str) -> (TestServer, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    use http_body_util::BodyExt;
+    let (first_bytes, arrived) = tokio::sync::mpsc::unbounded_channel();
+    let server = TestServer::with_handler(name, move |req: Request<hyper::body::Incoming>| {
+        let first_bytes = first_bytes.clone();
+        async move {
+            let mut body = req.into_body();
+            while let Some(Ok(_)) = body.frame().await {
+                let _ = first_bytes.send(());
+            }
+            Response::new(text("read"))
+        }
+    })
+    .await;
+    (server, arrived)
+}
+
+/// The server's figures in `status`: its requests in flight, and its backend's measured
+/// requests and failures.
+async fn figures(proxy: &TestProxy) -> (u64, u64, u64) {
+    let status = admin(proxy, "status").await;
+    let backend = &status["routes"][0]["backends"][0];
+    let number = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("a number: {status}"));
+    (
+        number(&backend["servers"][0]["in_flight"]),
+        number(&backend["measured"]["requests"]),
+        number(&backend["measured"]["failures"]),
+    )
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_mid_upload_is_not_held_against_the_server() {
+    use tokio::io::AsyncWriteExt;
+    let (blue, mut arrived) = reading_server("blue").await;
+    let proxy = TestProxy::start(&one_route(&backend("blue", &[&blue]), "blue = 100", "")).await;
+
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+    stream
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789")
+        .await
+        .expect("write");
+    arrived.recv().await.expect("the first bytes reached the server");
+    drop(stream);
+
+    // The request ends once the proxy has seen the hang-up.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while figures(&proxy).await.0 > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (in_flight, requests, failures) = figures(&proxy).await;
+    assert_eq!(in_flight, 0, "the hang-up ended the request");
+    assert_eq!((requests, failures), (0, 0), "a client's hang-up is not measured against the backend");
+
+    // A broken chunked body is the client's fault too, and it is told so.
+    let answer = raw_exchange(
+        proxy.addr,
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\nzz\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("reading the request body from the client failed"), "{answer}");
+    let (in_flight, _, failures) = figures(&proxy).await;
+    assert_eq!((in_flight, failures), (0, 0));
+
+    // A whole upload is measured as usual.
+    let (status, _, body) =
+        fetch(&client(), Request::post(proxy.url("/upload")).body("0123456789".into()).expect("request"))
+            .await
+            .expect("an answer");
+    assert_eq!((status.as_u16(), body.as_str()), (200, "read"));
+    assert_eq!(figures(&proxy).await, (0, 1, 0));
+}
