@@ -856,6 +856,12 @@ mod tests {
         conn.send(&mut head, body, None).await
     }
 
+    /// The answer to a GET from a [`scripted`] server, and the server's task.
+    async fn get_answered(answers: Vec<&'static [u8]>) -> (Response<Body>, tokio::task::JoinHandle<Vec<String>>) {
+        let (addr, server) = scripted(answers).await;
+        (exchange(open(addr).await, get()).await.expect("a response"), server)
+    }
+
     /// A connection to `addr` that has carried one GET, answered and read to its end.
     async fn reused(addr: SocketAddr) -> Connection {
         let response = exchange(open(addr).await, get()).await.expect("a response");
@@ -932,11 +938,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_content_length_beside_transfer_encoding_is_not_passed_on() {
-        let (addr, _server) = scripted(vec![
+        let (response, _server) = get_answered(vec![
             b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
         ])
         .await;
-        let response = exchange(open(addr).await, get()).await.expect("a response");
         assert!(response.headers().is_empty(), "{:?}", response.headers());
         let (data, _, conn) = read_all(response).await;
         assert_eq!(data, b"ok", "the coding decides where the body ends");
@@ -955,12 +960,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_response_read_to_its_end_frees_the_connection_for_the_next_request() {
-        let (addr, server) = scripted(vec![
+        let (response, server) = get_answered(vec![
             b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-agent: 1\r\n\r\nhello",
             b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
         ])
         .await;
-        let response = exchange(open(addr).await, get()).await.expect("a response");
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()["x-agent"], "1");
         let (data, _, conn) = read_all(response).await;
@@ -976,14 +980,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_responses_hop_by_hop_headers_are_read_and_left_out() {
-        let (addr, _server) = scripted(vec![
+        let (response, _server) = get_answered(vec![
             b"HTTP/1.1 200 OK\r\nConnection: X-Private, keep-alive\r\nKeep-Alive: timeout=5\r\n\
               X-Private: 1\r\nUpgrade: nothing\r\nProxy-Authenticate: Basic\r\nx-agent: 1\r\n\
               Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
         ])
         .await;
-        let response = exchange(open(addr).await, get()).await.expect("a response");
         let names: Vec<_> = response.headers().keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-agent"]);
         // ... and still obeyed: the body was chunked, and the connection may go on.
@@ -997,11 +1000,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_chunked_response_is_decoded_with_its_extensions_and_trailers() {
-        let (addr, _server) = scripted(vec![
+        let (response, _server) = get_answered(vec![
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-sum: 11\r\n\r\n",
         ])
         .await;
-        let response = exchange(open(addr).await, get()).await.expect("a response");
         let (data, trailers, conn) = read_all(response).await;
         assert_eq!(data, b"hello world");
         assert_eq!(trailers.expect("trailers")["x-sum"], "11");
@@ -1021,8 +1023,7 @@ mod tests {
             (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n\r\n", b"ok"),
         ];
         for (answer, body) in cases {
-            let (addr, _server) = scripted(vec![answer]).await;
-            let response = exchange(open(addr).await, get()).await.expect("a response");
+            let (response, _server) = get_answered(vec![answer]).await;
             let (data, _, conn) = read_all(response).await;
             assert_eq!(data, body, "{:?}", String::from_utf8_lossy(answer));
             assert!(conn.is_none(), "reused after {:?}", String::from_utf8_lossy(answer));
@@ -1047,11 +1048,9 @@ mod tests {
 
     #[tokio::test]
     async fn interim_responses_are_skipped() {
-        let (addr, _server) = scripted(vec![
+        let (response, _server) = get_answered(vec![
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
-        ])
-        .await;
-        let response = exchange(open(addr).await, get()).await.expect("a response");
+        ]).await;
         assert_eq!(response.status(), StatusCode::OK);
         assert!(response.headers().get("link").is_none());
         assert_eq!(read_all(response).await.0, b"ok");
