@@ -4,7 +4,8 @@
 //! connection task, no channel to one, and no wake-up between the two. The connection
 //! travels with the request and then inside the response's body, and the body hands it
 //! back (for the pool) once it has been read to its end. hyper's client spent about as
-//! many instructions on that hand-over as on the HTTP itself (README, Performance).
+//! many instructions on that hand-over as on the HTTP itself (`benches/HISTORY.md`,
+//! "What session 10 changed").
 //!
 //! Parsing is httparse's, as in hyper. The framing rules are RFC 9112's, applied
 //! strictly, because a pooled connection that lost track of where one response ends
