@@ -111,8 +111,9 @@ impl Connection {
     ///
     /// Once a final response head has come back, the request can no longer go again, and
     /// its header map, emptied, takes the response's headers: `parts.headers` is left
-    /// empty, even if the head is then refused. hyper keeps a response's map for the next request's head on the client's
-    /// connection, so a request proxied over HTTP/1 allocates no header map at all.
+    /// empty, even if the head is then refused. hyper keeps a response's map for the next
+    /// request's head on the client's connection, so a request proxied over HTTP/1
+    /// allocates no header map at all.
     pub async fn send(
         mut self,
         parts: &mut http::request::Parts,
@@ -319,8 +320,9 @@ impl Head {
         let head = buf.split_to(self.len).freeze();
         let connection = &self.delimiters.connection;
         let transfer_coded = self.delimiters.chunked.is_some();
+        let switching = self.status == StatusCode::SWITCHING_PROTOCOLS;
         let kept = |name: &HeaderName| {
-            !(is_hop_by_hop(name) && !(self.status == StatusCode::SWITCHING_PROTOCOLS && name == header::UPGRADE))
+            (!is_hop_by_hop(name) || (switching && name == header::UPGRADE))
                 && !connection.names(name)
                 && !(transfer_coded && name == header::CONTENT_LENGTH)
         };
