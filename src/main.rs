@@ -129,20 +129,33 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// The async runtime: `worker_threads` of them, 0 meaning one per available core.
+///
+/// What matters here is the order in which ready tasks (connections) are polled, since under
+/// overload that order is each request's wait. tokio's multi-thread scheduler keeps up to
+/// 256 ready tasks in a worker's local queue and moves the newest half to the shared queue
+/// when it is full, as it is with 1,000 busy connections per worker. No setting serves both
+/// queues in turn: looking at the shared queue first on every poll (an interval of 1, our
+/// setting until session 14) left the 128 oldest local tasks unpolled for as long as the
+/// shared queue never emptied, seconds under load; tokio's default interval leaves the
+/// shared queue's tasks waiting tens of thousands of polls. So:
+/// - with one worker, the current-thread scheduler, whose queue is one unbounded FIFO:
+///   every ready connection is polled once per round, as nginx's event loop does;
+/// - with several, the multi-thread scheduler looking at the shared queue every other poll,
+///   which bounds a task's wait at about twice the number of ready tasks.
 fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if worker_threads > 0 {
-        builder.worker_threads(worker_threads);
-    }
-    // Fairness between connections. A worker keeps the tasks it wakes in a local queue of
-    // 256; when more are ready at once (1,000 busy keep-alive clients), half of the queue
-    // overflows to the shared queue, which by default is looked at only every few dozen
-    // polls, while the tasks left local are woken and polled again and again. Looking at
-    // the shared queue first, on every poll, serves the overflow in its turn: at 1,000
-    // connections the p99 fell from about 275 ms to 75–145 ms (`benches/load.sh`), with
-    // no change at 50 connections, where the queue never overflows.
-    builder.global_queue_interval(1);
+    let workers = match worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        n => n,
+    };
+    let mut builder = if workers == 1 { tokio::runtime::Builder::new_current_thread() } else { multi_thread(workers) };
     builder.enable_all().build().context("cannot start the async runtime")
+}
+
+fn multi_thread(workers: usize) -> tokio::runtime::Builder {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(workers).global_queue_interval(2);
+    builder
 }
 
 fn run(path: &std::path::Path) -> anyhow::Result<()> {
@@ -228,4 +241,88 @@ fn socket_from(config: &std::path::Path) -> anyhow::Result<PathBuf> {
 
 fn demo() -> anyhow::Result<()> {
     Ok(runtime(0)?.block_on(switchyard::demo::run(&mut std::io::stdout()))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    /// More ready tasks than a multi-thread worker's local queue holds (256), as with 1,000
+    /// busy keep-alive connections.
+    const TASKS: u64 = 1_000;
+    /// How many times each task is polled, on average, before a run ends.
+    const ROUNDS: u64 = 100;
+
+    /// How a task that is always ready gets back in the run queue after each poll.
+    #[derive(Clone, Copy)]
+    enum Wake {
+        /// Woken by the I/O driver, as a connection is: it drains its socket, then writes a
+        /// byte that makes the socket readable again.
+        Io,
+        /// Yields, as tokio's cooperative budget makes a busy task do: woken when the worker
+        /// next looks for I/O, not by the driver.
+        Yield,
+    }
+
+    /// Runs `TASKS` always-ready tasks on `runtime` and returns the longest any of them sat
+    /// through the polls of others between two of its own: what a request held in the run
+    /// queue waits, counted in polls rather than time. A fair order makes it about `TASKS`.
+    fn longest_wait(runtime: &tokio::runtime::Runtime, wake: Wake) -> u64 {
+        let polls = Arc::new(AtomicU64::new(0));
+        let longest = Arc::new(AtomicU64::new(0));
+        runtime.block_on(async {
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..TASKS {
+                let (polls, longest) = (Arc::clone(&polls), Arc::clone(&longest));
+                let (mut tx, rx) = tokio::net::UnixStream::pair().expect("socket pair");
+                tasks.spawn(async move {
+                    let mut last = polls.load(Ordering::Relaxed);
+                    let mut buf = [0u8; 64];
+                    loop {
+                        match wake {
+                            Wake::Io => {
+                                tokio::io::AsyncWriteExt::write_all(&mut tx, b"x").await.expect("write");
+                                rx.readable().await.expect("readable");
+                                while rx.try_read(&mut buf).is_ok_and(|n| n > 0) {}
+                            }
+                            Wake::Yield => tokio::task::yield_now().await,
+                        }
+                        let now = polls.fetch_add(1, Ordering::Relaxed);
+                        longest.fetch_max(now - last, Ordering::Relaxed);
+                        last = now;
+                        if now >= TASKS * ROUNDS {
+                            return;
+                        }
+                    }
+                });
+            }
+            while tasks.join_next().await.is_some() {}
+        });
+        longest.load(Ordering::Relaxed)
+    }
+
+    /// Asserts that no task waited `limit` polls of others or more, however it was woken.
+    fn assert_waits_under(runtime: &tokio::runtime::Runtime, limit: u64) {
+        for (wake, what) in [(Wake::Io, "connection woken by I/O"), (Wake::Yield, "task that yielded")] {
+            let longest = longest_wait(runtime, wake);
+            assert!(
+                longest < limit,
+                "a ready {what} waited {longest} polls of others for its turn, with {TASKS} ready"
+            );
+        }
+    }
+
+    /// One worker polls the ready tasks round by round: none waits much more than one round.
+    #[test]
+    fn one_worker_polls_every_ready_task_once_a_round() {
+        assert_waits_under(&super::runtime(1).expect("runtime"), TASKS + TASKS / 2);
+    }
+
+    /// Several workers share out their queues by stealing, which a test on a busy 2-core
+    /// machine cannot time; one worker of the same scheduler shows the order it keeps.
+    #[test]
+    fn the_multi_thread_scheduler_polls_every_ready_task_in_turn() {
+        assert_waits_under(&super::multi_thread(1).enable_all().build().expect("runtime"), 3 * TASKS);
+    }
 }
