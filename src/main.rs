@@ -129,7 +129,8 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-/// The async runtime: `worker_threads` of them, 0 meaning one per available core.
+/// The async runtime, with `worker_threads` workers; 0 means one per available core (as the
+/// CPU affinity and cgroup quota allow).
 ///
 /// What matters here is the order in which ready tasks (connections) are polled, since under
 /// overload that order is each request's wait. tokio's multi-thread scheduler keeps up to
