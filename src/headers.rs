@@ -7,6 +7,8 @@
 //! Editing the maps cost a hashed lookup or insert per rule, on every request.
 
 use std::collections::HashSet;
+use std::io::Write as _;
+use std::net::SocketAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -27,6 +29,9 @@ enum Rule {
     Appended,
     /// `Content-Length`: the upstream client writes the framing the body is sent with.
     Framing,
+    /// `Cookie`: goes as one line. HTTP/2 clients send each cookie as a field of its own,
+    /// which must be joined with `; ` for HTTP/1.1 (RFC 9113, 8.2.3).
+    Cookie,
 }
 
 /// One match on the name's text (its length first); comparing it with each name in turn
@@ -45,6 +50,7 @@ fn rule(name: &HeaderName) -> Rule {
         "host" | "x-forwarded-host" | "x-forwarded-proto" => Rule::Replaced,
         "x-forwarded-for" | "via" => Rule::Appended,
         "content-length" => Rule::Framing,
+        "cookie" => Rule::Cookie,
         _ => Rule::Pass,
     }
 }
@@ -124,7 +130,8 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// them in `Connection`.
 #[derive(Debug, Clone)]
 pub struct Forward {
-    /// The host the request is for, sent as `Host` and `X-Forwarded-Host`.
+    /// The host the request is for, sent as `Host` and `X-Forwarded-Host`. `None` for an
+    /// HTTP/1.0 request that named none: see [`put_fields`](Self::put_fields).
     pub host: Option<HeaderValue>,
     /// The client's address, appended to `X-Forwarded-For`.
     pub client_ip: HeaderValue,
@@ -140,9 +147,12 @@ pub struct Forward {
 }
 
 impl Forward {
-    /// Writes the forwarded header lines of a request whose own headers are `headers`.
-    pub fn put_fields(&self, out: &mut Vec<u8>, headers: &HeaderMap) {
-        let (mut forwarded_for, mut via) = (false, false);
+    /// Writes the forwarded header lines of a request whose own headers are `headers`,
+    /// going to `server`. A request is always forwarded as HTTP/1.1, which needs a `Host`:
+    /// when the client sent none (HTTP/1.0 may), the server's address is the `Host`, as
+    /// a client connecting to it directly would send, and no `X-Forwarded-Host` is sent.
+    pub fn put_fields(&self, out: &mut Vec<u8>, headers: &HeaderMap, server: SocketAddr) {
+        let (mut forwarded_for, mut via, mut cookies) = (false, false, false);
         for (name, value) in headers {
             if self.connection.names(name) {
                 continue;
@@ -152,11 +162,22 @@ impl Forward {
                 Rule::HopByHop | Rule::Replaced | Rule::Framing => {}
                 Rule::Appended if name == X_FORWARDED_FOR => forwarded_for = true,
                 Rule::Appended => via = true,
+                // Every value of a name comes at once: the first is where the line goes.
+                Rule::Cookie if !cookies => {
+                    cookies = true;
+                    put_joined(out, name, headers, b"; ");
+                }
+                Rule::Cookie => {}
             }
         }
-        if let Some(host) = &self.host {
-            put_field(out, "host", host.as_bytes());
-            put_field(out, "x-forwarded-host", host.as_bytes());
+        match &self.host {
+            Some(host) => {
+                put_field(out, "host", host.as_bytes());
+                put_field(out, "x-forwarded-host", host.as_bytes());
+            }
+            None => {
+                let _ = write!(out, "host: {server}\r\n");
+            }
         }
         put_list(out, &X_FORWARDED_FOR, forwarded_for.then_some(headers), self.client_ip.as_bytes());
         put_field(out, "x-forwarded-proto", b"http");
@@ -177,6 +198,19 @@ pub fn put_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes every value `headers` has of `name` as one line, `separator` between them.
+fn put_joined(out: &mut Vec<u8>, name: &HeaderName, headers: &HeaderMap, separator: &[u8]) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    for (i, value) in headers.get_all(name).iter().enumerate() {
+        if i > 0 {
+            out.extend_from_slice(separator);
+        }
+        out.extend_from_slice(value.as_bytes());
+    }
     out.extend_from_slice(b"\r\n");
 }
 
@@ -235,9 +269,11 @@ mod tests {
     }
 
     /// The lines `forward` writes for `headers`, as (name, value) in order.
+    const SERVER: ([u8; 4], u16) = ([127, 0, 0, 1], 9);
+
     fn forwarded(forward: &Forward, headers: &HeaderMap) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        forward.put_fields(&mut out, headers);
+        forward.put_fields(&mut out, headers, SERVER.into());
         let text = String::from_utf8(out).expect("text");
         assert!(text.ends_with("\r\n"), "{text:?}");
         text.lines()
@@ -333,10 +369,25 @@ mod tests {
         let lines = forwarded(&upgrade, &h);
         assert_eq!(
             names(&lines),
-            ["sec-websocket-key", "x-forwarded-for", "x-forwarded-proto", "via", "connection", "upgrade"]
+            ["sec-websocket-key", "host", "x-forwarded-for", "x-forwarded-proto", "via", "connection", "upgrade"]
         );
-        assert_eq!(lines[4].1, "upgrade");
-        assert_eq!(lines[5].1, "websocket");
+        assert_eq!(lines[1].1, "127.0.0.1:9", "HTTP/1.1 needs a Host: the server's address");
+        assert_eq!(lines[5].1, "upgrade");
+        assert_eq!(lines[6].1, "websocket");
+    }
+
+    #[test]
+    fn cookies_go_as_one_line() {
+        let h = map(&[("cookie", b"a=1"), ("x-a", b"1"), ("cookie", b"b=2"), ("cookie", b"c=3")]);
+        let lines = forwarded(&forward(&h), &h);
+        assert_eq!(lines.iter().filter(|(n, _)| n == "cookie").count(), 1, "{lines:?}");
+        assert_eq!(lines[0], ("cookie".to_string(), "a=1; b=2; c=3".to_string()));
+        assert_eq!(lines[1], ("x-a".to_string(), "1".to_string()));
+
+        let one = map(&[("cookie", b"a=1")]);
+        assert_eq!(forwarded(&forward(&one), &one)[0].1, "a=1");
+        let named = map(&[("cookie", b"a=1"), ("cookie", b"b=2"), ("connection", b"cookie")]);
+        assert!(!names(&forwarded(&forward(&named), &named)).contains(&"cookie"), "named in Connection");
     }
 
     #[test]

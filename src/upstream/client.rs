@@ -16,6 +16,7 @@
 use std::future::poll_fn;
 use std::io::{self, Write as _};
 use std::mem::MaybeUninit;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll, Waker};
 
@@ -79,11 +80,13 @@ pub struct Connection {
     fields: Vec<Field>,
     /// Whether the connection has carried a request before this one.
     reused: bool,
+    /// The server's address: the `Host` of a forwarded request whose client named none.
+    server: SocketAddr,
 }
 
 impl Connection {
-    pub fn new(io: TcpStream) -> Self {
-        Connection { io, read: BytesMut::new(), head: Vec::new(), fields: Vec::new(), reused: false }
+    pub fn new(io: TcpStream, server: SocketAddr) -> Self {
+        Connection { io, read: BytesMut::new(), head: Vec::new(), fields: Vec::new(), reused: false, server }
     }
 
     /// Whether an idle connection is still open: the server has not closed it, nor sent
@@ -123,7 +126,7 @@ impl Connection {
         let declared = parts.headers.get(header::CONTENT_LENGTH);
         let framing = Framing::of_request(declared, &body);
         self.head.clear();
-        encode_head(&mut self.head, parts, forward, framing, declared.is_some());
+        encode_head(&mut self.head, parts, forward.map(|f| (f, self.server)), framing, declared.is_some());
         let head_request = parts.method == Method::HEAD;
 
         if framing == Framing::Length(0) {
@@ -453,8 +456,8 @@ fn content_length(value: &[u8]) -> Option<u64> {
     length
 }
 
-/// Writes the request line and headers, changed as `forward` says when it is a forwarded
-/// request, then the framing headers for `framing`. The request's own `Content-Length` and
+/// Writes the request line and headers, changed as `forward` says when it is a request
+/// forwarded (to the server given with it), then the framing headers for `framing`. The request's own `Content-Length` and
 /// `Transfer-Encoding` are never copied: the framing written is always the one the body is
 /// sent with, whatever else the headers say (a client naming `Content-Length` in
 /// `Connection` must not leave a body unframed, to be read as the next request). `declared`:
@@ -462,7 +465,7 @@ fn content_length(value: &[u8]) -> Option<u64> {
 fn encode_head(
     out: &mut Vec<u8>,
     parts: &http::request::Parts,
-    forward: Option<&Forward>,
+    forward: Option<(&Forward, SocketAddr)>,
     framing: Framing,
     declared: bool,
 ) {
@@ -471,7 +474,7 @@ fn encode_head(
     out.extend_from_slice(parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     match forward {
-        Some(forward) => forward.put_fields(out, &parts.headers),
+        Some((forward, server)) => forward.put_fields(out, &parts.headers, server),
         None => put_fields(out, &parts.headers, |name| !is_framing(name)),
     }
     match framing {
@@ -842,7 +845,7 @@ mod tests {
     }
 
     async fn open(addr: SocketAddr) -> Connection {
-        Connection::new(TcpStream::connect(addr).await.expect("connect"))
+        Connection::new(TcpStream::connect(addr).await.expect("connect"), addr)
     }
 
     fn request(method: Method, body: RequestBody) -> Request<RequestBody> {
@@ -903,7 +906,8 @@ mod tests {
         let declared = parts.headers.get(header::CONTENT_LENGTH);
         let framing = Framing::of_request(declared, &body);
         let mut out = Vec::new();
-        encode_head(&mut out, &parts, forwarded.then_some(&forward), framing, declared.is_some());
+        let server = SocketAddr::from(([127, 0, 0, 1], 9));
+        encode_head(&mut out, &parts, forwarded.then_some((&forward, server)), framing, declared.is_some());
         String::from_utf8(out).expect("text")
     }
 

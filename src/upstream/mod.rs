@@ -92,7 +92,7 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Connection, 
     };
     // Small writes (SSE events, WebSocket frames) must leave at once.
     let _ = stream.set_nodelay(true);
-    Ok(Connection::new(stream))
+    Ok(Connection::new(stream, addr))
 }
 
 /// The body of a request on its way to a server: the client's own, streamed as it comes

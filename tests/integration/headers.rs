@@ -116,3 +116,29 @@ async fn a_body_stays_framed_when_the_client_names_content_length_in_connection(
     assert_eq!(paths, ["/chat", "/after"]);
     assert_eq!(blue.requests()[0].headers["content-length"], smuggled.len().to_string());
 }
+
+#[tokio::test]
+async fn an_http_1_0_request_without_a_host_reaches_the_server_with_one() {
+    let blue = TestServer::named("blue").await;
+    let proxy = TestProxy::start(&all_to("blue", &[&blue])).await;
+    let answer = raw_exchange(proxy.addr, b"GET /old HTTP/1.0\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.") && answer.contains(" 200 "), "{answer}");
+    let seen = &blue.requests()[0].headers;
+    assert_eq!(seen["host"], blue.addr.to_string().as_str(), "forwarded as HTTP/1.1, which needs a Host");
+    assert!(seen.get("x-forwarded-host").is_none(), "the client named no host: {seen:?}");
+}
+
+#[tokio::test]
+async fn cookies_from_http2_clients_reach_the_server_as_one_header() {
+    let blue = TestServer::named("blue").await;
+    let proxy = TestProxy::start(&all_to("blue", &[&blue])).await;
+    // HTTP/2 clients send each cookie as a field of its own (RFC 9113, 8.2.3).
+    let req = Request::get(proxy.url("/"))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .body(Default::default())
+        .expect("req");
+    assert_eq!(fetch(&h2c_client(), req).await.expect("answer").0, 200);
+    let seen: Vec<_> = blue.requests()[0].headers.get_all("cookie").iter().cloned().collect();
+    assert_eq!(seen, ["a=1; b=2"], "HTTP/1.1 allows one Cookie line");
+}
