@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Load comparison: switchyard vs nginx as reverse proxies in front of the same origin.
 #
-#   bash benches/load.sh            # full run: DURATION=10 s per trial, ROUNDS=3, 50 and 1000 connections
+#   bash benches/load.sh            # full run: DURATION=10 s per trial, ROUNDS=5, 50 and 1000 connections
 #   bash benches/load.sh --quick    # smoke test: DURATION=2, ROUNDS=1, 50 connections, tiny long-poll test
 #
 # Environment (all optional):
 #   DURATION=10        seconds per wrk trial
-#   ROUNDS=3           rounds; each round runs nginx then switchyard for every test
+#   ROUNDS=5           rounds; each round runs nginx then switchyard for every test
 #   CONNS="50 1000"    client connection counts
 #   WARMUP=1           seconds of unmeasured wrk before each test on each proxy (0 = none)
 #   WRK_THREADS=1      wrk threads (wrk is pinned to one CPU, so 1 is the efficient choice)
@@ -44,7 +44,7 @@ if ((QUICK)); then
     LP_DURATION=${LP_DURATION:-2}
 fi
 DURATION=${DURATION:-10}
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 CONNS=${CONNS:-50 1000}
 WARMUP=${WARMUP:-1}
 WRK_THREADS=${WRK_THREADS:-1}
@@ -202,6 +202,23 @@ done
 
 ms() { awk -v v="$1" 'BEGIN { if (v == "nan") print "n/a"; else if (v < 10) printf "%.2f ms\n", v; else printf "%.1f ms\n", v }'; }
 
+# paired "NGINX_P99S" "SWITCHYARD_P99S": the rounds side by side. The two proxies of a round
+# ran back to back, so a round's ratio cancels most of the machine's drift between rounds,
+# which moves a single p99 by 10 % or more; their median is the steadier figure.
+paired() {
+    awk -v n="$1" -v s="$2" 'BEGIN {
+        k = split(n, a, " "); split(s, b, " "); shorter = 0; list = ""
+        for (i = 1; i <= k; i++) if (a[i] + 0 <= 0 || b[i] + 0 <= 0) { printf "rounds n/a"; exit }
+        for (i = 1; i <= k; i++) {
+            r[i] = b[i] / a[i]; if (b[i] < a[i]) shorter++
+            list = list sprintf(a[i] < 10 ? "%s%.2f/%.2f" : "%s%.1f/%.1f", i > 1 ? ", " : "", a[i], b[i])
+        }
+        for (i = 2; i <= k; i++) for (j = i; j > 1 && r[j - 1] > r[j]; j--) { t = r[j]; r[j] = r[j - 1]; r[j - 1] = t }
+        m = k % 2 ? r[(k + 1) / 2] : (r[k / 2] + r[k / 2 + 1]) / 2
+        printf "median of the rounds'"'"' ratios %.2f; switchyard'"'"'s the shorter in %d of %d rounds; nginx/switchyard ms: %s", m, shorter, k, list
+    }'
+}
+
 echo
 echo "## switchyard vs nginx as reverse proxy"
 echo
@@ -234,8 +251,8 @@ for key in "${ROWS[@]}"; do
         "$(fmt "$n_rps" '%.0f')" "$(fmt "$s_rps" '%.0f')" "$(ratio "$s_rps" "$n_rps")" \
         "$(ms "$n_p99")" "$(ms "$s_p99")" \
         "$(fmt "$n_cpu" '%.2f')" "$(fmt "$s_cpu" '%.2f')" "$(ratio "$s_cpu" "$n_cpu")"
-    DETAILS+=("$(printf -- '- %s, %s connections: p99 ratio switchyard/nginx %s; proxy CPU per request: nginx %s µs, switchyard %s µs (ratio %s); connections opened to the origin per trial: nginx %s, switchyard %s' \
-        "$label" "$c" "$(ratio "$s_p99" "$n_p99")" "$(fmt "$n_abs" '%.2f')" "$(fmt "$s_abs" '%.2f')" "$(ratio "$s_abs" "$n_abs")" \
+    DETAILS+=("$(printf -- '- %s, %s connections: p99 ratio switchyard/nginx %s (%s); proxy CPU per request: nginx %s µs, switchyard %s µs (ratio %s); connections opened to the origin per trial: nginx %s, switchyard %s' \
+        "$label" "$c" "$(ratio "$s_p99" "$n_p99")" "$(paired "${P99[$key/nginx]}" "${P99[$key/switchyard]}")" "$(fmt "$n_abs" '%.2f')" "$(fmt "$s_abs" '%.2f')" "$(ratio "$s_abs" "$n_abs")" \
         "$(fmt "$n_oc" '%.0f')" "$(fmt "$s_oc" '%.0f')")")
     for p in "${PROXIES[@]}"; do
         [[ -n ${ERRS[$key/$p]:-} ]] && DETAILS+=("  - **$p errors** ($label, $c connections): ${ERRS[$key/$p]}")
