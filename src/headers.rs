@@ -165,7 +165,7 @@ impl Forward {
                 // Every value of a name comes at once: the first is where the line goes.
                 Rule::Cookie if !cookies => {
                     cookies = true;
-                    put_joined(out, name, headers, b"; ");
+                    put_line(out, name, headers.get_all(name).iter().map(HeaderValue::as_bytes), b"; ");
                 }
                 Rule::Cookie => {}
             }
@@ -201,29 +201,23 @@ pub fn put_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Writes every value `headers` has of `name` as one line, `separator` between them.
-fn put_joined(out: &mut Vec<u8>, name: &HeaderName, headers: &HeaderMap, separator: &[u8]) {
+/// Writes `values` as one `name` line, `separator` between them.
+fn put_line<'v>(out: &mut Vec<u8>, name: &HeaderName, values: impl IntoIterator<Item = &'v [u8]>, separator: &[u8]) {
     out.extend_from_slice(name.as_str().as_bytes());
     out.extend_from_slice(b": ");
-    for (i, value) in headers.get_all(name).iter().enumerate() {
+    for (i, value) in values.into_iter().enumerate() {
         if i > 0 {
             out.extend_from_slice(separator);
         }
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(value);
     }
     out.extend_from_slice(b"\r\n");
 }
 
 /// Writes a list header as one line: the values `headers` has of it, then `ours`.
 fn put_list(out: &mut Vec<u8>, name: &HeaderName, headers: Option<&HeaderMap>, ours: &[u8]) {
-    out.extend_from_slice(name.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    for value in headers.into_iter().flat_map(|h| h.get_all(name)) {
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b", ");
-    }
-    out.extend_from_slice(ours);
-    out.extend_from_slice(b"\r\n");
+    let theirs = headers.into_iter().flat_map(|h| h.get_all(name)).map(HeaderValue::as_bytes);
+    put_line(out, name, theirs.chain([ours]), b", ");
 }
 
 /// The size of a request head as limits count it: each header's name, value and the
@@ -268,9 +262,10 @@ mod tests {
         }
     }
 
-    /// The lines `forward` writes for `headers`, as (name, value) in order.
+    /// The server the forwarded lines are written for.
     const SERVER: ([u8; 4], u16) = ([127, 0, 0, 1], 9);
 
+    /// The lines `forward` writes for `headers`, as (name, value) in order.
     fn forwarded(forward: &Forward, headers: &HeaderMap) -> Vec<(String, String)> {
         let mut out = Vec::new();
         forward.put_fields(&mut out, headers, SERVER.into());

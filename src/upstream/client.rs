@@ -457,11 +457,12 @@ fn content_length(value: &[u8]) -> Option<u64> {
 }
 
 /// Writes the request line and headers, changed as `forward` says when it is a request
-/// forwarded (to the server given with it), then the framing headers for `framing`. The request's own `Content-Length` and
-/// `Transfer-Encoding` are never copied: the framing written is always the one the body is
-/// sent with, whatever else the headers say (a client naming `Content-Length` in
-/// `Connection` must not leave a body unframed, to be read as the next request). `declared`:
-/// whether the client sent a `Content-Length`, which is kept even when it is 0.
+/// forwarded (to the server given with it), then the framing headers for `framing`. The
+/// request's own `Content-Length` and `Transfer-Encoding` are never copied: the framing
+/// written is always the one the body is sent with, whatever else the headers say (a client
+/// naming `Content-Length` in `Connection` must not leave a body unframed, to be read as the
+/// next request). `declared`: whether the client sent a `Content-Length`, which is kept even
+/// when it is 0.
 fn encode_head(
     out: &mut Vec<u8>,
     parts: &http::request::Parts,
