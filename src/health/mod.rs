@@ -131,7 +131,7 @@ async fn probe_inner(addr: SocketAddr, spec: &HealthSpec) -> Result<(), String> 
         .body(RequestBody::Empty)
         .map_err(|e| e.to_string())?;
     let (mut head, body) = request.into_parts();
-    let response = conn.send(&mut head, body, None).await.map_err(|e| e.error.to_string())?;
+    let response = conn.send(&mut head, body, None, None).await.map_err(|e| e.error.to_string())?;
     let status = response.status();
     if status.as_u16() != spec.expect_status {
         return Err(format!("status {status}, expected {}", spec.expect_status));

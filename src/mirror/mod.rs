@@ -412,7 +412,7 @@ impl Mirror {
             };
             match tokio::time::timeout(
                 timeout.saturating_sub(started.elapsed()),
-                conn.send(&mut head, body, Some(forward)),
+                conn.send(&mut head, body, Some(forward), Some(pool)),
             )
             .await
             {

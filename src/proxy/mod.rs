@@ -510,7 +510,7 @@ async fn attempts(
         let waited = {
             // Made where they are pinned, and waited on together by hand: the send is most
             // of this future's size, and `timeout` and `select!` each moved it once more.
-            let send = conn.send(&mut head, body, Some(&outbound.forward));
+            let send = conn.send(&mut head, body, Some(&outbound.forward), Some(&server.pool));
             // Outside the task's cooperative budget, as `tokio::time::timeout` polls its
             // timer once the inner future has spent it: an upload that keeps the send busy
             // must not keep the timeout from being seen.

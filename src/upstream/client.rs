@@ -14,7 +14,7 @@
 //! with not one byte more in the buffer, from a server that did not ask to close.
 
 use std::future::poll_fn;
-use std::io::{self, Write as _};
+use std::io::{self, Read as _, Write as _};
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -27,7 +27,7 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::RequestBody;
+use super::{Pool, RequestBody};
 use crate::headers::{is_framing, is_hop_by_hop, put_field, ConnectionOptions, Forward};
 
 /// The most a response head (status line and headers) may take.
@@ -117,11 +117,16 @@ impl Connection {
     /// empty, even if the head is then refused. hyper keeps a response's map for the next
     /// request's head on the client's connection, so a request proxied over HTTP/1
     /// allocates no header map at all.
+    ///
+    /// A bodiless request whose future is dropped while its answer is awaited (its client
+    /// hung up) gives the connection back to `home` if the whole answer has come already:
+    /// see [`Awaited`].
     pub async fn send(
         mut self,
         parts: &mut http::request::Parts,
         body: RequestBody,
         forward: Option<&Forward>,
+        home: Option<&Pool>,
     ) -> Result<Response<Body>, SendError> {
         let declared = parts.headers.get(header::CONTENT_LENGTH);
         let framing = Framing::of_request(declared, &body);
@@ -132,18 +137,26 @@ impl Connection {
         if framing == Framing::Length(0) {
             // Nearly every request: the head is all of it.
             let mut interim = 0;
-            let exchanged = match self.io.write_all(&self.head).await {
+            let written = self.io.write_all(&self.head).await;
+            let mut awaited = Awaited { conn: Some(self), home: home.filter(|_| written.is_ok()), head_request };
+            let exchanged = match written {
                 Ok(()) => {
-                    poll_fn(|cx| poll_head(&mut self.io, &mut self.read, &mut self.fields, &mut interim, cx)).await
+                    poll_fn(|cx| match awaited.conn.as_mut() {
+                        Some(c) => poll_head(&mut c.io, &mut c.read, &mut c.fields, &mut interim, cx),
+                        None => Poll::Ready(Err(Error::Closed)),
+                    })
+                    .await
                 }
                 Err(e) => Err(e.into()),
             };
+            // An answer or a failure: the exchange goes on, and ends, without the guard.
+            let Some(conn) = awaited.conn.take() else { return Err(SendError { error: Error::Closed, unsent: None }) };
             return match exchanged {
-                Ok(head) => self.respond(head, &mut parts.headers, head_request, true),
+                Ok(head) => conn.respond(head, &mut parts.headers, head_request, true),
                 Err(error) => {
                     // An interim answer means the server has the request.
-                    let retry = self.reused
-                        && self.read.is_empty()
+                    let retry = conn.reused
+                        && conn.read.is_empty()
                         && interim == 0
                         && parts.method.is_idempotent()
                         && matches!(error, Error::Closed | Error::Io(_));
@@ -233,6 +246,82 @@ impl Connection {
         *response.version_mut() = version;
         *response.headers_mut() = headers;
         Ok(response)
+    }
+}
+
+/// A bodiless request on the wire, its answer awaited.
+///
+/// Dropped before the answer's head was read, because the client hung up and its request
+/// was cancelled, the connection goes back to `home` if the whole answer is there already
+/// (see [`Connection::salvage`]). The server has done its work, and the answer just has no
+/// one to go to; closing the connection would make the next request open a new one. Most
+/// often this is a client that hangs up as its answer comes back: hyper sees the hang-up
+/// before the request's task reads the answer. Any other drop closes the connection, since
+/// its next bytes would be an answer no one reads.
+struct Awaited<'p> {
+    /// `None` once the exchange went on normally.
+    conn: Option<Connection>,
+    /// `None`: close the connection in any case (the request did not go out whole, or the
+    /// caller keeps no pool).
+    home: Option<&'p Pool>,
+    head_request: bool,
+}
+
+impl Drop for Awaited<'_> {
+    fn drop(&mut self) {
+        if let (Some(conn), Some(home)) = (self.conn.take(), self.home) {
+            if let Some(conn) = conn.salvage(self.head_request) {
+                home.put(conn);
+            }
+        }
+    }
+}
+
+/// The most of an unread answer [`Connection::salvage`] reads to find its end.
+const SALVAGE_MAX: usize = 16 * 1024;
+
+impl Connection {
+    /// The connection, ready for another request, if the whole answer to the one on it
+    /// (whose head was not read yet) has arrived: a final head that lets the connection
+    /// stay open, and exactly the `Content-Length` bytes after it. The answer is read from
+    /// the kernel without waiting, and without the reactor, which may not have seen it
+    /// arrive yet; then it is thrown away. Anything else (more to come, a chunked or a
+    /// close-delimited body, an upgrade, a broken head, more than [`SALVAGE_MAX`] bytes)
+    /// gives `None`, and the connection closes.
+    fn salvage(mut self, head_request: bool) -> Option<Connection> {
+        let mut chunk = [0u8; 4096];
+        let socket = socket2::SockRef::from(&self.io);
+        loop {
+            if self.read.len() > SALVAGE_MAX {
+                return None;
+            }
+            match (&*socket).read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.read.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return None,
+            }
+        }
+        loop {
+            let head = parse_head(&self.read, &mut self.fields).ok()??;
+            if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
+                self.read.advance(head.len);
+                continue;
+            }
+            if head.status == StatusCode::SWITCHING_PROTOCOLS {
+                return None;
+            }
+            let (framing, keep_alive) =
+                Framing::of_response(head.status, head.version, &head.delimiters, head_request).ok()?;
+            let body = (self.read.len() - head.len) as u64;
+            if !keep_alive || framing != Framing::Length(body) {
+                return None;
+            }
+            self.read.clear();
+            self.reused = true;
+            return Some(self);
+        }
     }
 }
 
@@ -860,7 +949,7 @@ mod tests {
     /// Sends a whole request, as a caller that does not keep its head.
     async fn exchange(conn: Connection, req: Request<RequestBody>) -> Result<Response<Body>, SendError> {
         let (mut head, body) = req.into_parts();
-        conn.send(&mut head, body, None).await
+        conn.send(&mut head, body, None, None).await
     }
 
     /// The answer to a GET from a [`scripted`] server, and the server's task.
@@ -1216,7 +1305,7 @@ mod tests {
         let (mut head, body) = get().into_parts();
         head.headers.insert("x-conversation", HeaderValue::from_static("c-1"));
         let capacity = head.headers.capacity();
-        let response = conn.send(&mut head, body, None).await.expect("a response");
+        let response = conn.send(&mut head, body, None, None).await.expect("a response");
         server.await.expect("server");
         assert!(head.headers.is_empty(), "the request's map went to the response");
         assert_eq!(response.status(), StatusCode::NO_CONTENT);
@@ -1230,7 +1319,7 @@ mod tests {
         server.await.expect("server");
         let (mut head, body) = get().into_parts();
         head.headers.insert("x-conversation", HeaderValue::from_static("c-1"));
-        let sent = conn.send(&mut head, body, None).await;
+        let sent = conn.send(&mut head, body, None, None).await;
         assert!(matches!(sent, Err(SendError { unsent: Some(_), .. })), "{sent:?}");
         assert_eq!(head.headers["x-conversation"], "c-1");
         assert_eq!(head.headers[header::HOST], "agent");
@@ -1243,5 +1332,104 @@ mod tests {
         server.await.expect("server");
         let sent = exchange(conn, get()).await;
         assert!(matches!(sent, Err(SendError { unsent: None, .. })), "{sent:?}");
+    }
+
+    /// A GET sent with `home` as its pool, to a server that answers it with `answer`
+    /// only once the request is on its way, and whose answer is in the client's socket,
+    /// unread, when the send is dropped: a client that hung up just as its answer came
+    /// back. The server answers a second request on the same connection, if one comes, with
+    /// a 204, and returns the requests it read.
+    async fn dropped_once_answered(answer: &'static [u8], home: &Pool) -> tokio::task::JoinHandle<Vec<String>> {
+        let (got, got_rx) = tokio::sync::oneshot::channel();
+        let (go, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let (addr, server) = serve_one(move |mut stream| async move {
+            stream.set_nodelay(true).expect("nodelay");
+            let mut seen = vec![read_request(&mut stream).await];
+            let _ = got.send(());
+            go_rx.await.expect("go");
+            stream.write_all(answer).await.expect("answer");
+            let next = read_request(&mut stream).await;
+            if !next.is_empty() {
+                seen.push(next);
+                stream.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await.expect("second answer");
+            }
+            seen
+        })
+        .await;
+        // A second handle on the socket, to see the answer arrive without reading it.
+        let socket = std::net::TcpStream::connect(addr).expect("connect");
+        socket.set_nonblocking(true).expect("nonblocking");
+        let probe = TcpStream::from_std(socket.try_clone().expect("clone")).expect("probe");
+        let conn = Connection::new(TcpStream::from_std(socket).expect("stream"), addr);
+
+        let (mut head, body) = get().into_parts();
+        let send = conn.send(&mut head, body, None, Some(home));
+        tokio::pin!(send);
+        tokio::select! {
+            sent = &mut send => panic!("answered before the server answered: {sent:?}"),
+            got = got_rx => got.expect("the server read the request"),
+        }
+        go.send(()).expect("go");
+        let mut arrived = vec![0u8; answer.len()];
+        let n = probe.peek(&mut arrived).await.expect("peek");
+        assert_eq!(&arrived[..n], answer, "the whole answer is in the socket");
+        server
+    }
+
+    #[tokio::test]
+    async fn a_dropped_request_whose_whole_answer_came_gives_its_connection_back() {
+        let pool = Pool::default();
+        let server = dropped_once_answered(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", &pool).await;
+        let conn =
+            pool.take(tokio::time::Instant::now(), std::time::Duration::from_secs(60)).expect("back in the pool");
+        assert!(conn.read.is_empty(), "the answer was thrown away");
+
+        // The next request on it gets its own answer, not the rest of the last one.
+        let response = exchange(conn, get()).await.expect("a response");
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+        let (_, _, reusable) = read_all(response).await;
+        drop(reusable);
+        let seen = server.await.expect("server");
+        assert_eq!(seen.len(), 2, "both requests on the one connection: {seen:?}");
+
+        // Interim answers before the final one, and an answer that has no body whatever
+        // its length says, too.
+        for answer in [
+            &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"[..],
+            b"HTTP/1.1 304 Not Modified\r\ncontent-length: 10\r\n\r\n",
+        ] {
+            let pool = Pool::default();
+            let server = dropped_once_answered(answer, &pool).await;
+            let kept = pool.take(tokio::time::Instant::now(), std::time::Duration::from_secs(60));
+            assert!(kept.is_some(), "{:?}", String::from_utf8_lossy(answer));
+            drop(kept);
+            assert_eq!(server.await.expect("server").len(), 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dropped_request_closes_its_connection_unless_the_answer_is_whole_and_keeps_it_open() {
+        for answer in [
+            // More to come.
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nok"[..],
+            &b"HTTP/1.1 200 OK\r\ncontent-le"[..],
+            // More than the answer: the server is out of step.
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nok",
+            // The server is closing, or the length is not known until it does.
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+            b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\n\r\nok",
+            // Whole, but chunked: not worth parsing on the way out.
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+            b"HTTP/1.1 2xx broken\r\n\r\n",
+        ] {
+            let pool = Pool::default();
+            let server = dropped_once_answered(answer, &pool).await;
+            let kept = pool.take(tokio::time::Instant::now(), std::time::Duration::from_secs(60));
+            assert!(kept.is_none(), "{:?}", String::from_utf8_lossy(answer));
+            // Closed: the server's read of a next request ends.
+            assert_eq!(server.await.expect("server").len(), 1);
+        }
     }
 }
