@@ -506,7 +506,7 @@ async fn read_answer(
     started: Instant,
     spec: &MirrorSpec,
     timeout: Duration,
-) -> Result<(Reading, Option<Connection>), String> {
+) -> Result<(Reading, Option<Box<Connection>>), String> {
     let latency = started.elapsed();
     let (parts, mut body) = response.into_parts();
     let mut digest = spec.compare.then(|| Digest::new(Kind::of(&parts.headers), spec.max_body));

@@ -171,17 +171,15 @@ impl Proxy {
 async fn serve_request(client: Arc<Client>, req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
     let active = client.shared.begin();
     let table = client.proxy.table.load();
-    // In a block of its own: a request borrowed in this function's body would keep a second
-    // copy of itself in the future.
-    let (http1, routed) = {
-        let req = req;
-        (req.version() < Version::HTTP_2, Outbound::new(&table, req, &client))
-    };
-    let mut response = match routed {
-        Ok((outbound, head, body)) => {
+    // The head stays here, in place, from the client's request to the server's: it is
+    // borrowed, never moved, on its way (each move of it is a 224-byte copy).
+    let (mut head, body) = req.into_parts();
+    let http1 = head.version < Version::HTTP_2;
+    let mut response = match Outbound::new(&table, &mut head, body, &client) {
+        Ok((outbound, body)) => {
             let mut first = None;
-            let sent = attempts(&table, &outbound, head, body, &mut first).await;
-            outbound.answer(&table, sent, first, &client).unwrap_or_else(ProxyError::into_response)
+            let sent = attempts(&table, &outbound, &mut head, body, &mut first).await;
+            outbound.answer(&table, sent, first, &client)
         }
         Err(e) => {
             if e.is_before_route() {
@@ -216,36 +214,37 @@ struct Outbound<'t> {
 }
 
 impl<'t> Outbound<'t> {
-    /// Routes the request and turns it into the one sent upstream.
+    /// Routes the request, and turns its head, in place, into the one sent upstream.
     fn new(
         table: &'t Table,
-        mut req: Request<Incoming>,
+        head: &mut Parts,
+        body: Incoming,
         client: &Client,
-    ) -> Result<(Outbound<'t>, Parts, RequestBody), ProxyError> {
+    ) -> Result<(Outbound<'t>, RequestBody), ProxyError> {
         let limits = &table.defaults;
-        let size = headers::head_size(req.headers());
+        let size = headers::head_size(&head.headers);
         if size > limits.max_request_header_bytes {
             return Err(ProxyError::HeadersTooLarge { size, limit: limits.max_request_header_bytes });
         }
 
         // Everything decided from the request head, while it is borrowed.
         let (route, backend, sticky_hash, new_cookie, host, target) = {
-            let host = request_host(&req)?;
-            let path = routes::normalize_path(req.uri().path())?;
+            let host = request_host(head)?;
+            let path = routes::normalize_path(head.uri.path())?;
             // The origin-form target sent to the server, when it is not the client's as is.
             let target = match &path {
-                std::borrow::Cow::Owned(normal) => Some(origin_form(req.uri(), Some(normal))?),
-                std::borrow::Cow::Borrowed(_) if req.uri().scheme().is_some() => Some(origin_form(req.uri(), None)?),
+                std::borrow::Cow::Owned(normal) => Some(origin_form(&head.uri, Some(normal))?),
+                std::borrow::Cow::Borrowed(_) if head.uri.scheme().is_some() => Some(origin_form(&head.uri, None)?),
                 std::borrow::Cow::Borrowed(_) => None,
             };
             let host_str = host.as_ref().map_or("", |h| h.to_str().unwrap_or(""));
             let route = table
                 .route(host_str, &path)
                 .ok_or_else(|| ProxyError::NoRoute { host: host_str.to_string(), path: path.to_string() })?;
-            let (sticky_hash, new_cookie) = sticky_key(route, req.headers());
+            let (sticky_hash, new_cookie) = sticky_key(route, &head.headers);
             let bucket = sticky_hash.map_or_else(|| fastrand::u32(0..crate::config::ALL), routes::bucket);
             let overridden =
-                route.override_header.as_ref().and_then(|h| req.headers().get(h)).map(HeaderValue::as_bytes);
+                route.override_header.as_ref().and_then(|h| head.headers.get(h)).map(HeaderValue::as_bytes);
             let Some(backend) = route.pick_backend(table, bucket, overridden) else {
                 let e = ProxyError::NoServer { route: route.name.clone() };
                 route.unbacked.record(e.status(), None);
@@ -264,14 +263,15 @@ impl<'t> Outbound<'t> {
             return Err(e);
         };
 
-        let connection = ConnectionOptions::of(req.headers());
-        let asked = requested_upgrade(&req, &connection);
-        let upgrade = asked.is_some().then(|| hyper::upgrade::on(&mut req));
-        let (mut parts, body) = req.into_parts();
+        let connection = ConnectionOptions::of(&head.headers);
+        let asked = requested_upgrade(head, &connection);
+        // What `hyper::upgrade::on` does with a whole request. hyper adds the extension to
+        // every HTTP/1.1 request with an `Upgrade` header, so an upgrade asked for has it.
+        let upgrade = if asked.is_some() { head.extensions.remove::<OnUpgrade>() } else { None };
         let forward = Forward {
             host,
             client_ip: client.ip.clone(),
-            via: match parts.version {
+            via: match head.version {
                 Version::HTTP_2 => "2.0 switchyard",
                 Version::HTTP_10 => "1.0 switchyard",
                 _ => "1.1 switchyard",
@@ -281,16 +281,16 @@ impl<'t> Outbound<'t> {
             shadow_copy: false,
         };
         if let Some(target) = target {
-            parts.uri = target;
+            head.uri = target;
         }
-        parts.version = Version::HTTP_11;
+        head.version = Version::HTTP_11;
         // A sampled share is copied to the route's shadow; upgrades never are.
         let (body, primary) = match &route.mirror {
             Some(mirror) => {
                 // Only switchyard marks copies, so that the shadow can trust the mark.
-                parts.headers.remove(&MIRROR_HEADER);
+                head.headers.remove(&MIRROR_HEADER);
                 if upgrade.is_none() && mirror.sampled() {
-                    mirror.start(&parts, &forward, body)
+                    mirror.start(head, &forward, body)
                 } else {
                     (RequestBody::Client(body), None)
                 }
@@ -298,18 +298,21 @@ impl<'t> Outbound<'t> {
             None => (RequestBody::Client(body), None),
         };
         let outbound = Outbound { route, backend, server, traffic, sticky_hash, new_cookie, upgrade, forward, primary };
-        Ok((outbound, parts, body))
+        Ok((outbound, body))
     }
 
     /// The client's response, from the server's (or from the failure to get one).
     /// `first` is when the first attempt started, if one did.
+    ///
+    /// It returns the response itself, not a `Result`: a response moves through every
+    /// wrapper by copy (352 bytes), and so refusals are answered where they are found.
     fn answer(
         self,
         table: &Table,
         sent: Result<(Response<upstream::ResponseBody>, InFlight, Instant), ProxyError>,
         first: Option<Instant>,
         client: &Client,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
+    ) -> Response<ResponseBody> {
         let Outbound { route, backend, traffic, new_cookie, upgrade, forward, primary, .. } = self;
         let (response, in_flight, answered) = match sent {
             Ok(sent) => sent,
@@ -320,7 +323,7 @@ impl<'t> Outbound<'t> {
                 if let Some(primary) = primary {
                     primary.failed(e.status());
                 }
-                return Err(e);
+                return e.into_response();
             }
         };
         let latency = answered.saturating_duration_since(first.unwrap_or(answered));
@@ -331,18 +334,19 @@ impl<'t> Outbound<'t> {
             let Some(client_upgrade) = upgrade else {
                 let e = ProxyError::UnaskedUpgrade { route: route.name.clone(), backend: backend.name.clone() };
                 traffic.record(e.status(), None);
-                return Err(e);
+                return e.into_response();
             };
             traffic.record(StatusCode::SWITCHING_PROTOCOLS, Some(latency));
             let (mut parts, body) = response.into_parts();
             // A 101 from `send` always carries its connection; this is only for the type.
             let Some(server_upgrade) = body.into_upgraded() else {
-                return Err(ProxyError::Upstream {
+                return ProxyError::Upstream {
                     route: route.name.clone(),
                     backend: backend.name.clone(),
                     server: in_flight.server().label.clone(),
                     source: upstream::Error::Malformed("a 101 without its connection"),
-                });
+                }
+                .into_response();
             };
             // The server's `Upgrade` came with its 101 (see `upstream::Connection::send`).
             parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -355,7 +359,7 @@ impl<'t> Outbound<'t> {
                 limits.stream_idle_timeout,
                 websocket,
             ));
-            return Ok(Response::from_parts(parts, ResponseBody::empty()));
+            return Response::from_parts(parts, ResponseBody::empty());
         }
 
         traffic.record(response.status(), Some(latency));
@@ -372,7 +376,7 @@ impl<'t> Outbound<'t> {
         if let Some(digest) = digest {
             body.compare(digest);
         }
-        Ok(Response::from_parts(parts, body))
+        Response::from_parts(parts, body)
     }
 }
 
@@ -463,7 +467,7 @@ where
 async fn attempts(
     table: &Table,
     outbound: &Outbound<'_>,
-    mut head: Parts,
+    head: &mut Parts,
     mut body: RequestBody,
     first: &mut Option<Instant>,
 ) -> Result<(Response<upstream::ResponseBody>, InFlight, Instant), ProxyError> {
@@ -475,10 +479,10 @@ async fn attempts(
     // allocation (see `replay_copy`): a long-poll that then never fails. A replay goes to
     // another server of this backend, so a backend of one server (a sidecar's usual
     // version) never needs the copy, and the request is spared it.
-    let replayable = is_replayable(&head, &body);
+    let replayable = is_replayable(head, &body);
     let alone = backend.servers.len() < 2;
     // Boxed: the copy is rare, and the request's future would otherwise keep room for it.
-    let mut replay = if replayable && !alone { replay_copy(&head).map(Box::new) } else { None };
+    let mut replay = if replayable && !alone { replay_copy(head).map(Box::new) } else { None };
     let mut replayed = false;
     loop {
         // One clock read serves the pool's idle check and the latency measurement.
@@ -510,14 +514,14 @@ async fn attempts(
         let waited = {
             // Made where they are pinned, and waited on together by hand: the send is most
             // of this future's size, and `timeout` and `select!` each moved it once more.
-            let send = conn.send(&mut head, body, Some(&outbound.forward), Some(&server.pool));
+            let mut send = std::pin::pin!(conn.send(head, body, Some(&outbound.forward), Some(&server.pool)));
             // Outside the task's cooperative budget, as `tokio::time::timeout` polls its
             // timer once the inner future has spent it: an upload that keeps the send busy
             // must not keep the timeout from being seen.
-            let timeout = tokio::task::coop::unconstrained(tokio::time::sleep(route.request_timeout));
-            let cut = in_flight.cut_signal();
+            let mut timeout =
+                std::pin::pin!(tokio::task::coop::unconstrained(tokio::time::sleep(route.request_timeout)));
+            let mut cut = std::pin::pin!(in_flight.cut_signal());
             let cut_already = in_flight.is_cut();
-            tokio::pin!(send, timeout, cut);
             std::future::poll_fn(|cx| {
                 if let Poll::Ready(sent) = send.as_mut().poll(cx) {
                     Poll::Ready(Waited::Sent(sent))
@@ -531,8 +535,13 @@ async fn attempts(
             })
             .await
         };
-        let sent = match waited {
-            Waited::Sent(sent) => sent,
+        // One match, down to the response: each binding on the way would copy it.
+        let failed = match waited {
+            Waited::Sent(Ok(response)) => {
+                let answered = outcome(backend, &server, response.status().is_server_error(), started);
+                return Ok((response, in_flight, answered));
+            }
+            Waited::Sent(Err(failed)) => failed,
             Waited::TimedOut => {
                 outcome(backend, &server, true, started);
                 return Err(ProxyError::Timeout {
@@ -570,29 +579,25 @@ async fn attempts(
                 server.drained.note(DrainOutcome::Replayed);
                 tracing::info!(route = %route.name, backend = %backend.name, from = %server.label, to = %other.label, "drain deadline: request replayed on another server");
                 server = other.clone();
-                head = *again;
+                *head = *again;
                 body = RequestBody::Empty;
                 replayed = true;
                 continue;
             }
         };
-        match sent {
-            Ok(response) => {
-                let answered = outcome(backend, &server, response.status().is_server_error(), started);
-                return Ok((response, in_flight, answered));
-            }
+        match failed {
             // The pooled connection closed under us before an answer: the server did not
             // take the request, so a fresh connection can.
-            Err(SendError { unsent: Some(unsent), error }) => {
+            SendError { unsent: Some(unsent), error } => {
                 tracing::debug!(server = %server.label, %error, "pooled connection was closed; reconnecting");
                 body = unsent;
             }
             // The client's body failed (a hang-up mid-upload, broken chunked framing): held
             // against neither the server (outlier detection) nor its backend (analysis).
-            Err(SendError { error: upstream::Error::RequestBody(source), .. }) => {
+            SendError { error: upstream::Error::RequestBody(source), .. } => {
                 return Err(ProxyError::ClientBody { route: route.name.clone(), source });
             }
-            Err(SendError { error, .. }) => {
+            SendError { error, .. } => {
                 outcome(backend, &server, true, started);
                 return Err(ProxyError::Upstream {
                     route: route.name.clone(),
@@ -606,7 +611,6 @@ async fn attempts(
 }
 
 /// How the wait for a response head ended.
-#[expect(clippy::large_enum_variant, reason = "a value of one match, on the stack; boxing would allocate per request")]
 enum Waited {
     Sent(Result<Response<upstream::ResponseBody>, SendError>),
     /// The route's `request_timeout` passed first.
@@ -667,16 +671,16 @@ fn outcome(backend: &Backend, server: &Arc<Server>, failed: bool, started: Insta
 /// The host a request is for: an absolute-form target's authority wins over `Host`
 /// (RFC 9112, 3.2.2); HTTP/2's `:authority` arrives the same way. HTTP/1.1 without one
 /// is malformed.
-fn request_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, ProxyError> {
-    if let Some(authority) = req.uri().authority() {
+fn request_host(head: &Parts) -> Result<Option<HeaderValue>, ProxyError> {
+    if let Some(authority) = head.uri.authority() {
         return HeaderValue::from_str(authority.as_str())
             .map(Some)
             .map_err(|_| ProxyError::BadRequest("the request target's host is not valid"));
     }
-    match req.headers().get(header::HOST) {
+    match head.headers.get(header::HOST) {
         Some(host) if host.to_str().is_ok() => Ok(Some(host.clone())),
         Some(_) => Err(ProxyError::BadRequest("the Host header is not valid text")),
-        None if req.version() == Version::HTTP_11 => {
+        None if head.version == Version::HTTP_11 => {
             Err(ProxyError::BadRequest("HTTP/1.1 request without a Host header"))
         }
         None => Ok(None),
@@ -686,11 +690,11 @@ fn request_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, ProxyErr
 /// The protocol a client asks to upgrade to, if it asks properly: HTTP/1.1, `Upgrade`
 /// named in `Connection`. An `h2c` upgrade is not honoured (we speak h2c by prior
 /// knowledge only); the request goes on as plain HTTP/1.1.
-fn requested_upgrade(req: &Request<Incoming>, connection: &ConnectionOptions) -> Option<HeaderValue> {
-    if req.version() != Version::HTTP_11 || !connection.upgrade {
+fn requested_upgrade(head: &Parts, connection: &ConnectionOptions) -> Option<HeaderValue> {
+    if head.version != Version::HTTP_11 || !connection.upgrade {
         return None;
     }
-    req.headers().get(header::UPGRADE).filter(|p| !p.as_bytes().eq_ignore_ascii_case(b"h2c")).cloned()
+    head.headers.get(header::UPGRADE).filter(|p| !p.as_bytes().eq_ignore_ascii_case(b"h2c")).cloned()
 }
 
 /// The sticky key's hash for a route that has one, and the cookie to set when the

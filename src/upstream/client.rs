@@ -69,6 +69,11 @@ pub struct SendError {
 }
 
 /// An open connection to a server, between requests.
+///
+/// Always boxed (see [`Connection::new`]): it goes from the pool into each request's
+/// future, into the response's body and back, and a `Box` moves as one pointer where the
+/// connection itself is 152 bytes to copy, and makes every response that carries it as
+/// much larger.
 #[derive(Debug)]
 pub struct Connection {
     io: TcpStream,
@@ -85,8 +90,8 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(io: TcpStream, server: SocketAddr) -> Self {
-        Connection { io, read: BytesMut::new(), head: Vec::new(), fields: Vec::new(), reused: false, server }
+    pub fn new(io: TcpStream, server: SocketAddr) -> Box<Self> {
+        Box::new(Connection { io, read: BytesMut::new(), head: Vec::new(), fields: Vec::new(), reused: false, server })
     }
 
     /// Whether an idle connection is still open: the server has not closed it, nor sent
@@ -122,7 +127,7 @@ impl Connection {
     /// hung up) gives the connection back to `home` if the whole answer has come already:
     /// see [`Awaited`].
     pub async fn send(
-        mut self,
+        mut self: Box<Self>,
         parts: &mut http::request::Parts,
         body: RequestBody,
         forward: Option<&Forward>,
@@ -174,14 +179,14 @@ impl Connection {
     /// is written while the response head is awaited: a server may answer (413, 401)
     /// before it has read all of it.
     async fn send_body(
-        mut self,
+        mut self: Box<Self>,
         headers: &mut HeaderMap,
         mut body: RequestBody,
         framing: Framing,
         head_request: bool,
     ) -> Result<Response<Body>, SendError> {
         let (answer, written) = {
-            let Connection { io, read, head, fields, .. } = &mut self;
+            let Connection { io, read, head, fields, .. } = &mut *self;
             let (mut reader, mut writer) = io.split();
             let write = async {
                 writer.write_all(head).await?;
@@ -219,7 +224,7 @@ impl Connection {
     /// read buffer), with its headers moved into `headers` (the request's, emptied first);
     /// refused if its framing is broken.
     fn respond(
-        mut self,
+        mut self: Box<Self>,
         head: Head,
         headers: &mut HeaderMap,
         head_request: bool,
@@ -260,7 +265,7 @@ impl Connection {
 /// its next bytes would be an answer no one reads.
 struct Awaited<'p> {
     /// `None` once the exchange went on normally.
-    conn: Option<Connection>,
+    conn: Option<Box<Connection>>,
     /// `None`: close the connection in any case (the request did not go out whole, or the
     /// caller keeps no pool).
     home: Option<&'p Pool>,
@@ -288,7 +293,7 @@ impl Connection {
     /// arrive yet; then it is thrown away. Anything else (more to come, a chunked or a
     /// close-delimited body, an upgrade, a broken head, more than [`SALVAGE_MAX`] bytes)
     /// gives `None`, and the connection closes.
-    fn salvage(mut self, head_request: bool) -> Option<Connection> {
+    fn salvage(mut self: Box<Self>, head_request: bool) -> Option<Box<Connection>> {
         let mut chunk = [0u8; 4096];
         let socket = socket2::SockRef::from(&self.io);
         loop {
@@ -641,7 +646,7 @@ async fn write_body<W: AsyncWrite + Unpin>(w: &mut W, body: &mut RequestBody, fr
 #[derive(Debug)]
 pub struct Body {
     /// `None` once handed back for reuse or to a tunnel.
-    conn: Option<Connection>,
+    conn: Option<Box<Connection>>,
     state: State,
     /// Whether the connection may carry another request once the body is read.
     keep_alive: bool,
@@ -683,7 +688,7 @@ impl State {
 impl Body {
     /// The connection, if the body has been read to its end and the connection can carry
     /// another request.
-    pub fn take_reusable(&mut self) -> Option<Connection> {
+    pub fn take_reusable(&mut self) -> Option<Box<Connection>> {
         let reusable = matches!(self.state, State::Done)
             && self.keep_alive
             && self.conn.as_ref().is_some_and(|c| c.read.is_empty());
@@ -933,7 +938,7 @@ mod tests {
         String::from_utf8_lossy(&request).into_owned()
     }
 
-    async fn open(addr: SocketAddr) -> Connection {
+    async fn open(addr: SocketAddr) -> Box<Connection> {
         Connection::new(TcpStream::connect(addr).await.expect("connect"), addr)
     }
 
@@ -946,7 +951,7 @@ mod tests {
     }
 
     /// Sends a whole request, as a caller that does not keep its head.
-    async fn exchange(conn: Connection, req: Request<RequestBody>) -> Result<Response<Body>, SendError> {
+    async fn exchange(conn: Box<Connection>, req: Request<RequestBody>) -> Result<Response<Body>, SendError> {
         let (mut head, body) = req.into_parts();
         conn.send(&mut head, body, None, None).await
     }
@@ -958,7 +963,7 @@ mod tests {
     }
 
     /// A connection to `addr` that has carried one GET, answered and read to its end.
-    async fn reused(addr: SocketAddr) -> Connection {
+    async fn reused(addr: SocketAddr) -> Box<Connection> {
         let response = exchange(open(addr).await, get()).await.expect("a response");
         read_all(response).await.2.expect("reusable")
     }
@@ -968,7 +973,7 @@ mod tests {
     }
 
     /// The body's data and trailers, and the connection if it can be reused.
-    async fn read_all(response: Response<Body>) -> (Vec<u8>, Option<HeaderMap>, Option<Connection>) {
+    async fn read_all(response: Response<Body>) -> (Vec<u8>, Option<HeaderMap>, Option<Box<Connection>>) {
         let mut body = response.into_body();
         let (mut data, mut trailers) = (Vec::new(), None);
         while let Some(frame) = body.frame().await {

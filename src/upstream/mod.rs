@@ -43,7 +43,7 @@ pub enum ConnectError {
 #[derive(Debug, Default)]
 pub struct Pool {
     /// Idle connections with the moment each became idle, most recent last.
-    idle: Mutex<Vec<(Connection, Instant)>>,
+    idle: Mutex<Vec<(Box<Connection>, Instant)>>,
 }
 
 impl Pool {
@@ -53,7 +53,7 @@ impl Pool {
     /// Connections idle for longer than `max_idle` are closed instead: a server closes its
     /// idle keep-alive connections on its own clock (often 5 s), and a request written just
     /// as it does would fail.
-    pub fn take(&self, now: Instant, max_idle: Duration) -> Option<Connection> {
+    pub fn take(&self, now: Instant, max_idle: Duration) -> Option<Box<Connection>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some((mut conn, since)) = idle.pop() {
             if now.duration_since(since) > max_idle {
@@ -69,7 +69,7 @@ impl Pool {
     }
 
     /// Returns a connection whose last response has been read to the end.
-    pub fn put(&self, conn: Connection) {
+    pub fn put(&self, conn: Box<Connection>) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE_PER_SERVER {
             idle.push((conn, Instant::now()));
@@ -84,7 +84,7 @@ impl Pool {
 }
 
 /// Opens a new connection to `addr`.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Connection, ConnectError> {
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Box<Connection>, ConnectError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Err(_) => return Err(ConnectError::Timeout { addr, after: timeout }),
         Ok(Err(source)) => return Err(ConnectError::Refused { addr, source }),
