@@ -52,7 +52,6 @@ pub struct ResponseBody {
 // Unboxed on purpose: the body lives inline in hyper's connection state, and a box would
 // be one more allocation per request.
 #[derive(Debug)]
-#[allow(clippy::large_enum_variant)]
 enum Kind {
     Message(Option<Bytes>),
     Upstream(UpstreamBody),

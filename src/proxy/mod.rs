@@ -270,7 +270,8 @@ impl<'t> Outbound<'t> {
         let connection = ConnectionOptions::of(&head.headers);
         let asked = requested_upgrade(head, &connection);
         // What `hyper::upgrade::on` does with a whole request. hyper adds the extension to
-        // every HTTP/1.1 request with an `Upgrade` header, so an upgrade asked for has it.
+        // every HTTP/1.1 request with an `Upgrade` header, so an upgrade asked for has it;
+        // what depends on whether one was asked for looks at `forward.upgrade`.
         let upgrade = if asked.is_some() { head.extensions.remove::<OnUpgrade>() } else { None };
         let forward = Forward {
             host,
@@ -293,7 +294,7 @@ impl<'t> Outbound<'t> {
             Some(mirror) => {
                 // Only switchyard marks copies, so that the shadow can trust the mark.
                 head.headers.remove(&MIRROR_HEADER);
-                if upgrade.is_none() && mirror.sampled() {
+                if forward.upgrade.is_none() && mirror.sampled() {
                     mirror.start(head, &forward, body)
                 } else {
                     (RequestBody::Client(body), None)
@@ -308,8 +309,8 @@ impl<'t> Outbound<'t> {
     /// The client's response, from the server's (or from the failure to get one).
     /// `first` is when the first attempt started, if one did.
     ///
-    /// It returns the response itself, not a `Result`: a response moves through every
-    /// wrapper by copy (352 bytes), and so refusals are answered where they are found.
+    /// It returns the response itself, not a `Result`: a response is copied into every
+    /// wrapper it moves through, so refusals are answered where they are found.
     fn answer(
         self,
         table: &Table,
@@ -374,7 +375,7 @@ impl<'t> Outbound<'t> {
         }
         // A connection that was offered an upgrade and declined it is not reused: its
         // state is whatever the server made of the offer.
-        let reusable = upgrade.is_none();
+        let reusable = forward.upgrade.is_none();
         let event_stream = Kind::of(&parts.headers) == Kind::EventStream;
         let mut body = ResponseBody::upstream(body, reusable, in_flight, limits.stream_idle_timeout, event_stream);
         if let Some(digest) = digest {
