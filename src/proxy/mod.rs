@@ -175,8 +175,6 @@ impl Proxy {
 async fn serve_request(client: Arc<Client>, req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
     let active = client.shared.begin();
     let table = client.proxy.table.load();
-    // The head stays here, in place, from the client's request to the server's: it is
-    // borrowed, never moved, on its way (each move of it is a 224-byte copy).
     let (mut head, body) = req.into_parts();
     let http1 = head.version < Version::HTTP_2;
     let mut response = match Outbound::new(&table, &mut head, body, &client) {
