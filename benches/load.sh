@@ -16,6 +16,9 @@
 #   PROXY_CPU=0        CPU for the proxies and origins;  WRK_CPU=1  CPU for wrk
 #   SKIP_BUILD=1       use the existing target/release/switchyard
 #   SWITCHYARD=PATH    measure this switchyard binary instead (another build, to compare two)
+#   CONTROL=1          also run a second nginx proxy, identical to the first, third in every round,
+#                      and print how far nginx's own figures move against themselves: the noise
+#                      floor of every ratio in the table (about half as long again)
 #
 # Everything listens on and talks to 127.0.0.1 only. All temporary files live in one
 # mktemp -d directory, removed at exit together with every process this script started.
@@ -30,7 +33,7 @@ QUICK=0
 for arg in "$@"; do
     case "$arg" in
         --quick) QUICK=1 ;;
-        -h | --help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,29p' "$0"; exit 0 ;;
         *) echo "load.sh: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -54,6 +57,7 @@ LP_DELAY=${LP_DELAY:-1}
 PROXY_CPU=${PROXY_CPU:-0}
 WRK_CPU=${WRK_CPU:-1}
 SKIP_BUILD=${SKIP_BUILD:-0}
+CONTROL=${CONTROL:-0}
 TESTS=(2b 4k)
 
 # shellcheck source=benches/load/lib.sh
@@ -68,7 +72,7 @@ mkdir -p "$TMP/www"
 head -c 4096 /dev/zero | tr '\0' 'x' >"$TMP/www/4k"
 
 log "temp dir $TMP; CLK_TCK=$CLK_TCK; ulimit -n $NOFILE; proxies+origin on CPU $PROXY_CPU, wrk on CPU $WRK_CPU"
-log "DURATION=${DURATION}s ROUNDS=$ROUNDS CONNS=($CONNS) WARMUP=${WARMUP}s LP_CONNS=$LP_CONNS LP_DURATION=${LP_DURATION}s"
+log "DURATION=${DURATION}s ROUNDS=$ROUNDS CONNS=($CONNS) WARMUP=${WARMUP}s LP_CONNS=$LP_CONNS LP_DURATION=${LP_DURATION}s CONTROL=$CONTROL"
 
 start_nginx origin "$TEMPLATES/origin.nginx.conf" "ORIGIN_PORT=$ORIGIN_PORT"
 ORIGIN_PID=$STARTED_PID
@@ -89,13 +93,25 @@ declare -A PID_OF=([nginx]=$NGINX_PID [switchyard]=$SY_PID)
 declare -A LEN_OF=([2b]=2 [4k]=4096)
 PROXIES=(nginx switchyard)
 
+# The control: the same nginx proxy again, on its own port. Its figures against nginx's show
+# what the method reads as a difference between two identical proxies.
+if ((CONTROL)); then
+    NGINX_B_PORT=$(free_port)
+    start_nginx nginx-b "$TEMPLATES/proxy.nginx.conf" "PORT=$NGINX_B_PORT" "UPSTREAM_PORT=$ORIGIN_PORT"
+    PID_OF[nginx-b]=$STARTED_PID
+    PORT_OF[nginx-b]=$NGINX_B_PORT
+    wait_port "$NGINX_B_PORT" "$STARTED_PID" "$TMP/nginx-b-error.log"
+    set_group "$STARTED_PID" 1
+    PROXIES+=(nginx-b)
+fi
+
 for t in "${TESTS[@]}"; do
     check_body origin "http://127.0.0.1:$ORIGIN_PORT/$t" "${LEN_OF[$t]}"
     for p in "${PROXIES[@]}"; do
         check_body "$p" "http://127.0.0.1:${PORT_OF[$p]}/$t" "${LEN_OF[$t]}"
     done
 done
-log "origin, nginx (:$NGINX_PORT) and switchyard (:$SY_PORT) answer /2b and /4k correctly"
+log "origin, nginx (:$NGINX_PORT) and switchyard (:$SY_PORT)${NGINX_B_PORT:+ and nginx-b (:$NGINX_B_PORT)} answer /2b and /4k correctly"
 
 # ---------------------------------------------------------------- throughput trials
 
@@ -150,6 +166,7 @@ done
 log "long-poll memory test: $LP_CONNS concurrent requests held ${LP_DELAY}s each at the origin, ${LP_DURATION}s per proxy"
 stop_started "$NGINX_PID"
 stop_started "$SY_PID"
+if ((CONTROL)); then stop_started "${PID_OF[nginx-b]}"; fi
 
 LP_ORIGIN_PORT=$(free_port)
 start_longpoll_origin "$LP_ORIGIN_PORT"
@@ -157,7 +174,8 @@ LP_ORIGIN_PID=$STARTED_PID
 wait_port "$LP_ORIGIN_PORT" "$LP_ORIGIN_PID" "$TMP/lp-origin.log"
 
 declare -A LP_IDLE LP_PEAK LP_PSS LP_REQS LP_ERRS
-for p in "${PROXIES[@]}"; do
+LP_PROXIES=(nginx switchyard)
+for p in "${LP_PROXIES[@]}"; do
     port=$(free_port)
     if [[ $p == nginx ]]; then
         start_nginx nginx-lp "$TEMPLATES/proxy.nginx.conf" "PORT=$port" "UPSTREAM_PORT=$LP_ORIGIN_PORT"
@@ -202,11 +220,11 @@ done
 
 ms() { awk -v v="$1" 'BEGIN { if (v == "nan") print "n/a"; else if (v < 10) printf "%.2f ms\n", v; else printf "%.1f ms\n", v }'; }
 
-# paired "NGINX_P99S" "SWITCHYARD_P99S": the rounds side by side. The two proxies of a round
+# paired "NGINX_P99S" "OTHER_P99S" [OTHER]: the rounds side by side. The proxies of a round
 # ran back to back, so a round's ratio cancels most of the machine's drift between rounds,
 # which moves a single p99 by 10 % or more; their median is the steadier figure.
 paired() {
-    awk -v n="$1" -v s="$2" 'BEGIN {
+    awk -v n="$1" -v s="$2" -v who="${3:-switchyard}" 'BEGIN {
         k = split(n, a, " "); split(s, b, " "); shorter = 0; list = ""
         for (i = 1; i <= k; i++) if (a[i] + 0 <= 0 || b[i] + 0 <= 0) { printf "rounds n/a"; exit }
         for (i = 1; i <= k; i++) {
@@ -215,7 +233,7 @@ paired() {
         }
         for (i = 2; i <= k; i++) for (j = i; j > 1 && r[j - 1] > r[j]; j--) { t = r[j]; r[j] = r[j - 1]; r[j - 1] = t }
         m = k % 2 ? r[(k + 1) / 2] : (r[k / 2] + r[k / 2 + 1]) / 2
-        printf "median of the rounds'"'"' ratios %.2f; switchyard'"'"'s the shorter in %d of %d rounds; nginx/switchyard ms: %s", m, shorter, k, list
+        printf "median of the rounds'"'"' ratios %.2f; %s'"'"'s the shorter in %d of %d rounds; nginx/%s ms: %s", m, who, shorter, k, who, list
     }'
 }
 
@@ -254,6 +272,12 @@ for key in "${ROWS[@]}"; do
     DETAILS+=("$(printf -- '- %s, %s connections: p99 ratio switchyard/nginx %s (%s); proxy CPU per request: nginx %s µs, switchyard %s µs (ratio %s); connections opened to the origin per trial: nginx %s, switchyard %s' \
         "$label" "$c" "$(ratio "$s_p99" "$n_p99")" "$(paired "${P99[$key/nginx]}" "${P99[$key/switchyard]}")" "$(fmt "$n_abs" '%.2f')" "$(fmt "$s_abs" '%.2f')" "$(ratio "$s_abs" "$n_abs")" \
         "$(fmt "$n_oc" '%.0f')" "$(fmt "$s_oc" '%.0f')")")
+    if ((CONTROL)); then
+        # shellcheck disable=SC2086
+        DETAILS+=("$(printf -- '  - control, nginx against a second nginx: req/s ratio %s, p99 ratio %s (%s), CPU/req ÷ origin CPU/req ratio %s' \
+            "$(ratio "$(median ${RPS[$key/nginx-b]})" "$n_rps")" "$(ratio "$(median ${P99[$key/nginx-b]})" "$n_p99")" \
+            "$(paired "${P99[$key/nginx]}" "${P99[$key/nginx-b]}" nginx-b)" "$(ratio "$(median ${CPUR[$key/nginx-b]:-})" "$n_cpu")")")
+    fi
     for p in "${PROXIES[@]}"; do
         [[ -n ${ERRS[$key/$p]:-} ]] && DETAILS+=("  - **$p errors** ($label, $c connections): ${ERRS[$key/$p]}")
     done
@@ -268,7 +292,7 @@ printf '**Memory, %d concurrent %s-s long-polls:** peak RSS nginx %.1f MiB, swit
 echo
 echo "Details:"
 for d in "${DETAILS[@]}"; do echo "$d"; done
-for p in "${PROXIES[@]}"; do
+for p in "${LP_PROXIES[@]}"; do
     printf -- '- long-poll through %s: %s requests in %s s; RSS growth under load %.1f KiB per long-poll; PSS at peak %.1f MiB%s\n' \
         "$p" "${LP_REQS[$p]}" "$LP_DURATION" \
         "$(awk -v a="${LP_PEAK[$p]}" -v b="${LP_IDLE[$p]}" -v n="$LP_CONNS" 'BEGIN{print (a-b)/n}')" \
