@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Load comparison: switchyard vs nginx as reverse proxies in front of the same origin.
 #
-#   bash benches/load.sh            # full run: DURATION=10 s per trial, ROUNDS=5, 50 and 1000 connections
+#   bash benches/load.sh            # full run: DURATION=10 s per trial, ROUNDS=6, 50 and 1000 connections
 #   bash benches/load.sh --quick    # smoke test: DURATION=2, ROUNDS=1, 50 connections, tiny long-poll test
 #
 # Environment (all optional):
 #   DURATION=10        seconds per wrk trial
-#   ROUNDS=5           rounds; each round runs nginx then switchyard for every test
+#   ROUNDS=6           rounds; each round runs every proxy once per test, and the next round
+#                      starts one proxy further on, so each runs first equally often
 #   CONNS="50 1000"    client connection counts
 #   WARMUP=1           seconds of unmeasured wrk before each test on each proxy (0 = none)
 #   WRK_THREADS=1      wrk threads (wrk is pinned to one CPU, so 1 is the efficient choice)
@@ -19,6 +20,8 @@
 #   CONTROL=1          also run a second nginx proxy, identical to the first, third in every round,
 #                      and print how far nginx's own figures move against themselves: the noise
 #                      floor of every ratio in the table (about half as long again)
+#
+# To pool the rounds of several runs and test each row's p99: benches/load/rounds.py OUTPUT...
 #
 # Everything listens on and talks to 127.0.0.1 only. All temporary files live in one
 # mktemp -d directory, removed at exit together with every process this script started.
@@ -33,7 +36,7 @@ QUICK=0
 for arg in "$@"; do
     case "$arg" in
         --quick) QUICK=1 ;;
-        -h | --help) sed -n '2,29p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,32p' "$0"; exit 0 ;;
         *) echo "load.sh: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -47,7 +50,7 @@ if ((QUICK)); then
     LP_DURATION=${LP_DURATION:-2}
 fi
 DURATION=${DURATION:-10}
-ROUNDS=${ROUNDS:-5}
+ROUNDS=${ROUNDS:-6}
 CONNS=${CONNS:-50 1000}
 WARMUP=${WARMUP:-1}
 WRK_THREADS=${WRK_THREADS:-1}
@@ -127,7 +130,11 @@ for t in "${TESTS[@]}"; do
             done
         fi
         for ((r = 1; r <= ROUNDS; r++)); do
-            for p in "${PROXIES[@]}"; do
+            # Where a proxy runs in its round matters: a second nginx, third in every round,
+            # had the shorter p99 than the first in 9 of 10 rounds with 2-byte bodies at 1,000
+            # connections. So the order turns by one each round.
+            for ((i = 0; i < ${#PROXIES[@]}; i++)); do
+                p=${PROXIES[(r - 1 + i) % ${#PROXIES[@]}]}
                 out="$TMP/wrk-$t-$c-$p-$r.txt"
                 a0=$(origin_accepts)
                 p0=$(cpu_ticks "${PID_OF[$p]}")
@@ -242,7 +249,7 @@ echo "## switchyard vs nginx as reverse proxy"
 echo
 echo "One worker each (nginx \`worker_processes 1\`, switchyard \`worker_threads = 1\`), proxy and origin"
 echo "pinned to CPU $PROXY_CPU, wrk ($WRK_THREADS thread) pinned to CPU $WRK_CPU; origin: nginx returning a fixed body."
-echo "Medians of $ROUNDS round(s) of ${DURATION} s per proxy, the proxies alternating."
+echo "Medians of $ROUNDS round(s) of ${DURATION} s per proxy, the proxies alternating, each round starting one proxy further on."
 echo "CPU/req ÷ origin CPU/req: the proxy's utime+stime over the origin's in the same trial (lower is better)."
 echo
 echo "| test | connections | nginx req/s | switchyard req/s | ratio | nginx p99 | switchyard p99 | nginx CPU/req ÷ origin CPU/req | switchyard CPU/req ÷ origin CPU/req | ratio |"
