@@ -7,7 +7,8 @@
 # Environment (all optional):
 #   DURATION=10        seconds per wrk trial
 #   ROUNDS=6           rounds; each round runs every proxy once per test, and the next round
-#                      starts one proxy further on, so each runs first equally often
+#                      starts one proxy further on, so with a multiple of the number of proxies
+#                      (2, or 3 with CONTROL=1) each runs in each place equally often
 #   CONNS="50 1000"    client connection counts
 #   WARMUP=1           seconds of unmeasured wrk before each test on each proxy (0 = none)
 #   WRK_THREADS=1      wrk threads (wrk is pinned to one CPU, so 1 is the efficient choice)
@@ -17,11 +18,12 @@
 #   PROXY_CPU=0        CPU for the proxies and origins;  WRK_CPU=1  CPU for wrk
 #   SKIP_BUILD=1       use the existing target/release/switchyard
 #   SWITCHYARD=PATH    measure this switchyard binary instead (another build, to compare two)
-#   CONTROL=1          also run a second nginx proxy, identical to the first, third in every round,
-#                      and print how far nginx's own figures move against themselves: the noise
-#                      floor of every ratio in the table (about half as long again)
+#   CONTROL=1          also run a second nginx proxy, identical to the first, in every round, and
+#                      print how far nginx's own figures move against themselves: the noise floor
+#                      of every ratio in the table. The run takes half as long again.
 #
-# To pool the rounds of several runs and test each row's p99: benches/load/rounds.py OUTPUT...
+# To pool the rounds of several runs and test each row's p99, keep each run's output with its
+# standard error (the rounds are logged there) and give the files to benches/load/rounds.py.
 #
 # Everything listens on and talks to 127.0.0.1 only. All temporary files live in one
 # mktemp -d directory, removed at exit together with every process this script started.
@@ -36,7 +38,7 @@ QUICK=0
 for arg in "$@"; do
     case "$arg" in
         --quick) QUICK=1 ;;
-        -h | --help) sed -n '2,32p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,34p' "$0"; exit 0 ;;
         *) echo "load.sh: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -130,8 +132,8 @@ for t in "${TESTS[@]}"; do
             done
         fi
         for ((r = 1; r <= ROUNDS; r++)); do
-            # Where a proxy runs in its round matters: a second nginx, third in every round,
-            # had the shorter p99 than the first in 9 of 10 rounds with 2-byte bodies at 1,000
+            # Where a proxy runs in its round may matter: a second nginx, third in every round,
+            # had a shorter p99 than the first in 9 of 10 rounds with 2-byte bodies at 1,000
             # connections. So the order turns by one each round.
             for ((i = 0; i < ${#PROXIES[@]}; i++)); do
                 p=${PROXIES[(r - 1 + i) % ${#PROXIES[@]}]}
