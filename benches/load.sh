@@ -233,17 +233,24 @@ ms() { awk -v v="$1" 'BEGIN { if (v == "nan") print "n/a"; else if (v < 10) prin
 # ran back to back, so a round's ratio cancels most of the machine's drift between rounds,
 # which moves a single p99 by 10 % or more; their median is the steadier figure.
 paired() {
-    awk -v n="$1" -v s="$2" -v who="${3:-switchyard}" 'BEGIN {
-        k = split(n, a, " "); split(s, b, " "); shorter = 0; list = ""
-        for (i = 1; i <= k; i++) if (a[i] + 0 <= 0 || b[i] + 0 <= 0) { printf "rounds n/a"; exit }
+    local who=${3:-switchyard} ratios shorter list
+    # One line each: the rounds' ratios, how many are under 1, the pairs as printed.
+    { read -r ratios; read -r shorter; read -r list; } < <(awk -v n="$1" -v s="$2" 'BEGIN {
+        k = split(n, a, " "); split(s, b, " ")
+        for (i = 1; i <= k; i++) if (a[i] + 0 <= 0 || b[i] + 0 <= 0) { print "n/a"; exit }
         for (i = 1; i <= k; i++) {
-            r[i] = b[i] / a[i]; if (b[i] < a[i]) shorter++
+            printf("%s%s", i > 1 ? " " : "", b[i] / a[i]); if (b[i] < a[i]) shorter++
             list = list sprintf(a[i] < 10 ? "%s%.2f/%.2f" : "%s%.1f/%.1f", i > 1 ? ", " : "", a[i], b[i])
         }
-        for (i = 2; i <= k; i++) for (j = i; j > 1 && r[j - 1] > r[j]; j--) { t = r[j]; r[j] = r[j - 1]; r[j - 1] = t }
-        m = k % 2 ? r[(k + 1) / 2] : (r[k / 2] + r[k / 2 + 1]) / 2
-        printf "median of the rounds'"'"' ratios %.2f; %s'"'"'s the shorter in %d of %d rounds; nginx/%s ms: %s", m, who, shorter, k, who, list
-    }'
+        printf "\n%d\n%s\n", shorter, list
+    }')
+    if [[ $ratios == n/a ]]; then
+        printf 'rounds n/a'
+        return 0
+    fi
+    # shellcheck disable=SC2086
+    printf "median of the rounds' ratios %s; %s's the shorter in %d of %d rounds; nginx/%s ms: %s" \
+        "$(fmt "$(median $ratios)" '%.2f')" "$who" "$shorter" "$(wc -w <<<"$ratios")" "$who" "$list"
 }
 
 echo

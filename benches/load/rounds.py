@@ -6,9 +6,8 @@ p99 is longer than nginx's by more than the runs' noise.
     python3 benches/load/rounds.py run1.txt run2.txt
 
 Each file is what load.sh printed, standard error included: its `[load] ... round N ...` lines,
-which it logs there, are what this reads. Within a
-round the proxies ran back to back, so each round gives one pair: the other proxy's p99 over
-nginx's. For each row and each proxy other than nginx (switchyard, and nginx-b when the run
+which it logs there, are what this reads. Within a round the proxies ran back to back, so each
+round gives one pair: the other proxy's p99 over nginx's. For each row and each proxy other than nginx (switchyard, and nginx-b when the run
 had CONTROL=1), this prints the median of the pairs' ratios, how many rounds the proxy had the
 shorter p99, and an exact one-sided Wilcoxon signed-rank test of "its p99 is the longer":
 a p-value under 0.05 says the difference is larger than the rounds' noise explains. A larger
@@ -19,6 +18,7 @@ line shows what the test says of two proxies that are the same.
 
 import math
 import re
+import statistics
 import sys
 from collections import defaultdict
 
@@ -75,14 +75,13 @@ def main(paths):
             pairs = [(r["nginx"], r[other]) for r in rounds.values() if r.get("nginx", 0) > 0 and r.get(other, 0) > 0]
             if not pairs:
                 continue
-            ratios = sorted(b / a for a, b in pairs)
-            n = len(ratios)
-            median = ratios[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2
+            ratios = [b / a for a, b in pairs]
+            median = statistics.median(ratios)
             # log(b) - log(a), not log(b / a): the same two values in either order must give
             # differences of exactly the same size, which the test then ranks as a tie.
             p = signed_rank_p([round(math.log(b) - math.log(a), 9) for a, b in pairs])
             print(
-                f"{test:>2} {conns:>5} conns  {other:<10} p99 over nginx's: median {median:.2f} over {n} rounds, "
+                f"{test:>2} {conns:>5} conns  {other:<10} p99 over nginx's: median {median:.2f} over {len(ratios)} rounds, "
                 f"the shorter in {sum(x < 1 for x in ratios)}; longer? p = {p:.3f}{'  LONGER' if p < 0.05 else ''}"
             )
 
